@@ -1,0 +1,134 @@
+"""Command line: ``detoxrl train | evaluate | compare``.
+
+Every setting of :class:`detoxrl.config.Config` is a flag (``--ppo.learning_rate 1e-4``);
+the common ones also have their Hugging Face spelling (``--model_name_or_path``,
+``--output_dir``, ``--seed``, ``--report_to``). Errors the user can fix print one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .config import PRESETS, build_config, iter_fields
+from .errors import DetoxError
+
+ALIASES = {"model_name_or_path": "model.name_or_path", "steps": "ppo.steps", "learning_rate": "ppo.learning_rate"}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, _, help_text in iter_fields():
+        section = name.split(".")[0] if "." in name else "run"
+        group = groups.setdefault(section, parser.add_argument_group(f"{section} settings"))
+        flags = [f"--{name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == name]
+        group.add_argument(*flags, dest=f"cfg:{name}", default=None, metavar="VALUE", help=help_text)
+
+
+def collect_overrides(args: argparse.Namespace) -> dict[str, str]:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detoxrl", description="Detoxify language models with PPO + LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a LoRA adapter with PPO, then evaluate it")
+    train.add_argument("--preset", choices=PRESETS, default=None,
+                       help="start from a preset (default: smollm2-offline when no --config is given)")
+    train.add_argument("--config", default=None, help="YAML file of settings (applied after the preset)")
+    train.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
+    add_config_flags(train)
+
+    evaluate = sub.add_parser("evaluate", help="compare a trained run with its reference model")
+    evaluate.add_argument("run_dir", help="directory of a detoxrl run (holds config.yaml and adapter/)")
+    evaluate.add_argument("--dataset", default=None, help="evaluate on all rows of this file instead of the test split")
+    evaluate.add_argument("--samples_per_prompt", type=int, default=None, help="responses per prompt and model")
+    evaluate.add_argument("--evaluators", default=None, help="comma-separated held-out scorers")
+    evaluate.add_argument("--max_prompts", type=int, default=None, help="evaluate at most this many prompts")
+    evaluate.add_argument("--threshold", type=float, default=None, help="toxicity above which a text is toxic")
+    evaluate.add_argument("--output_dir", default=None, help="where to write the report (default: RUN_DIR/eval)")
+
+    compare = sub.add_parser("compare", help="print two runs' metrics side by side")
+    compare.add_argument("run_a")
+    compare.add_argument("run_b")
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep the console for detoxrl's own progress: library chatter goes below warnings."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("datasets", "accelerate", "huggingface_hub", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    if args.command == "train":
+        from .train import train
+
+        preset = args.preset or (None if args.config else "smollm2-offline")
+        config = build_config(preset, args.config, collect_overrides(args))
+        out = train(config, resume=args.resume)
+        print(f"done: adapter, metrics and report are in {out}")
+    elif args.command == "evaluate":
+        from .evaluation.evaluate import evaluate_run
+
+        out = evaluate_run(
+            args.run_dir,
+            dataset=args.dataset,
+            samples_per_prompt=args.samples_per_prompt,
+            evaluators=args.evaluators.split(",") if args.evaluators else None,
+            max_prompts=args.max_prompts,
+            threshold=args.threshold,
+            output_dir=args.output_dir,
+        )
+        print(f"report: {Path(out) / 'report.html'}")
+    elif args.command == "compare":
+        from rich.console import Console
+
+        from .evaluation.compare import compare_runs
+
+        Console().print(compare_runs(args.run_a, args.run_b))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except DetoxError as exc:
+        print(f"detoxrl: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("detoxrl: interrupted; continue with --resume (checkpoints are kept)", file=sys.stderr)
+        code = 130
+    except MemoryError:
+        print("detoxrl: error: out of memory; lower ppo.batch_size or generation.max_new_tokens", file=sys.stderr)
+        code = 1
+    except OSError as exc:
+        if os.environ.get("DETOXRL_DEBUG"):
+            raise
+        print(f"detoxrl: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        code = 1
+    except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
+        if os.environ.get("DETOXRL_DEBUG"):
+            raise
+        print(f"detoxrl: error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(set DETOXRL_DEBUG=1 for the traceback)", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Configuration: one dataclass per concern, YAML presets, command-line overrides.
+
+A run is fully described by a :class:`Config`; it is saved next to the outputs as
+``config.yaml`` so a run can be reproduced or resumed from its directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import DetoxError
+
+RECIPE_PROMPT = "Summarize the following conversation.\n\n{text}\n\nSummary:\n"
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with help text (shown by ``detoxrl train --help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("", "Policy: hub id, local directory, or .gguf file.")
+    gguf_file: str | None = _f(None, "GGUF file name inside name_or_path (hub repo or directory).")
+    adapter: str | None = _f(None, "Existing PEFT adapter to start from (made trainable).")
+    reference: str | None = _f(
+        None, "Separate KL reference model; default: the policy's base with the adapter disabled."
+    )
+    lora_r: int = _f(32, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout (stored in the adapter; PPO passes run without dropout).")
+    target_modules: list[str] | None = _f(None, "LoRA target modules; default chosen per architecture.")
+    chat_template: bool | None = _f(None, "Wrap prompts in the tokenizer's chat template (default: if it has one).")
+    system_prompt: str | None = _f(None, "System message for chat templates.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless asked).")
+    cache_dir: str | None = _f(None, "Where GGUF models converted to safetensors are cached.")
+
+
+@dataclass
+class RewardConfig:
+    scorer: str = _f("classifier", "classifier | hatesonar | profanity-check | callable")
+    model: str = _f("facebook/roberta-hate-speech-dynabench-r4-target", "Classifier hub id or path.")
+    label: str = _f("nothate", "Rewarded (non-toxic) class of the classifier, by label name.")
+    transform: str = _f("logit", "Classifier reward: logit (the recipe) | log_odds | prob.")
+    function: str | None = _f(None, "module:function returning one reward per text (scorer=callable).")
+    score_query: bool = _f(False, "Score query + response together, as the recipe did.")
+    batch_size: int = _f(32, "Texts per scoring batch.")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("knkarthick/dialogsum", "Hub dataset id or local .jsonl/.csv/.parquet file.")
+    split: str = _f("train", "Split to load from a hub dataset.")
+    text_column: str = _f("dialogue", "Column holding the text to put in the prompt.")
+    reference_column: str | None = _f("summary", "Column of reference responses (for ROUGE), if any.")
+    prompt_template: str = _f(RECIPE_PROMPT, "Prompt template; {text} is replaced by the text column.")
+    min_chars: int = _f(200, "Keep texts longer than this many characters.")
+    max_chars: int = _f(1000, "Keep texts of at most this many characters.")
+    test_size: float = _f(0.2, "Held-out fraction for the before/after comparison.")
+    max_prompt_tokens: int = _f(512, "Prompts are truncated to this many tokens.")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(64, "Longest response.")
+    min_new_tokens: int = _f(0, "Shortest response (EOS is masked consistently in generation and PPO).")
+    temperature: float = _f(1.0, "Sampling temperature (applied consistently in generation and PPO).")
+    top_k: int = _f(0, "Must stay 0: truncated sampling makes the KL and PPO ratio wrong.")
+    top_p: float = _f(1.0, "Must stay 1.0: truncated sampling makes the KL and PPO ratio wrong.")
+    repetition_penalty: float = _f(1.0, "Must stay 1.0: it changes the sampling distribution.")
+
+
+@dataclass
+class PPOConfig:
+    steps: int = _f(10, "PPO steps (one batch of rollouts each).")
+    learning_rate: float = _f(1.41e-5, "Adam learning rate.")
+    lr_scheduler: str = _f("constant", "transformers scheduler name: constant, linear, cosine, ...")
+    batch_size: int = _f(16, "Rollouts per PPO step, over all processes.")
+    mini_batch_size: int = _f(4, "Rollouts per optimiser step, over all processes.")
+    ppo_epochs: int = _f(1, "Passes over each batch of rollouts.")
+    gradient_accumulation_steps: int = _f(1, "Mini-batches accumulated per optimiser step.")
+    gamma: float = _f(1.0, "Discount.")
+    lam: float = _f(0.95, "GAE lambda.")
+    cliprange: float = _f(0.2, "Policy ratio clip.")
+    cliprange_value: float = _f(0.2, "Value clip.")
+    vf_coef: float = _f(0.1, "Value loss weight.")
+    init_kl_coef: float = _f(0.2, "Initial KL penalty coefficient.")
+    adaptive_kl: bool = _f(True, "Adapt the KL coefficient towards target_kl.")
+    target_kl: float = _f(6.0, "Target KL per response for the adaptive controller.")
+    kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    whiten_advantages: bool = _f(True, "Normalise advantages per batch.")
+    value_head_lr_scale: float = _f(1.0, "Value head learning rate relative to learning_rate.")
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = _f(True, "Run the before/after evaluation at the end of training.")
+    evaluators: list[str] = _f(
+        ["hatesonar"], "Held-out scorers: hatesonar, profanity-check, or a classifier id/path."
+    )
+    nontoxic_label: str = _f("nothate", "Non-toxic label of classifier evaluators.")
+    samples_per_prompt: int = _f(1, "Responses per prompt and model.")
+    max_prompts: int | None = _f(None, "Evaluate at most this many test prompts.")
+    threshold: float = _f(0.5, "A text is toxic when its toxicity exceeds this.")
+    batch_size: int = _f(16, "Prompts per generation batch.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = _f("outputs/run", "Where the adapter, metrics and report are written.")
+    seed: int = _f(0, "Random seed.")
+    report_to: list[str] = _f(["tensorboard"], "accelerate trackers (tensorboard, wandb, ...) or none.")
+    mixed_precision: str = _f("no", "no | fp16 | bf16 (GPU).")
+    device: str | None = _f(None, "Force a device (cpu, cuda, cuda:1); default: accelerate decides.")
+    save_steps: int = _f(0, "Checkpoint every N steps (0: only at the end).")
+    save_total_limit: int = _f(2, "Checkpoints kept.")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice).")
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, with the reason, before anything is loaded."""
+        p, g = self.ppo, self.generation
+        for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "gradient_accumulation_steps"):
+            if getattr(p, name) < 1:
+                raise DetoxError(f"ppo.{name} must be at least 1, got {getattr(p, name)}")
+        if p.batch_size % p.mini_batch_size:
+            raise DetoxError(
+                f"ppo.batch_size ({p.batch_size}) must be divisible by ppo.mini_batch_size ({p.mini_batch_size})"
+            )
+        if p.learning_rate <= 0:
+            raise DetoxError(f"ppo.learning_rate must be positive, got {p.learning_rate}")
+        if g.max_new_tokens < 1 or g.min_new_tokens < 0 or g.min_new_tokens > g.max_new_tokens:
+            raise DetoxError("generation needs 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1")
+        if g.temperature <= 0:
+            raise DetoxError(f"generation.temperature must be positive, got {g.temperature}")
+        if g.top_k != 0 or g.top_p != 1.0 or g.repetition_penalty != 1.0:
+            raise DetoxError(
+                "generation.top_k/top_p/repetition_penalty must stay 0/1.0/1.0: PPO needs the log-probs of the "
+                "distribution that sampled, and truncating it gives negative KL and wrong ratios"
+            )
+        if not self.model.name_or_path:
+            raise DetoxError("model.name_or_path is required (a hub id, a local directory or a .gguf file)")
+        if self.reward.transform not in ("logit", "log_odds", "prob"):
+            raise DetoxError(f"reward.transform must be logit, log_odds or prob, got {self.reward.transform!r}")
+        if self.reward.scorer not in ("classifier", "hatesonar", "profanity-check", "callable"):
+            raise DetoxError(
+                f"reward.scorer must be classifier, hatesonar, profanity-check or callable, got {self.reward.scorer!r}"
+            )
+        if not 0 < self.data.test_size < 1:
+            raise DetoxError(f"data.test_size must be between 0 and 1, got {self.data.test_size}")
+        if "{text}" not in self.data.prompt_template:
+            raise DetoxError("data.prompt_template must contain {text}")
+        if self.eval.samples_per_prompt < 1:
+            raise DetoxError(f"eval.samples_per_prompt must be at least 1, got {self.eval.samples_per_prompt}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise DetoxError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+PRESETS = ("smollm2-offline", "flan-t5-dialogsum")
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce YAML/CLI values to the field's type, or say which key is wrong."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], where)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise DetoxError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_check_type(v, item, where) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise DetoxError(f"{where} must be true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise DetoxError(f"{where} must be a number, got {value!r}")
+        try:
+            number = annotation(value) if annotation is float else int(str(value))
+        except (TypeError, ValueError):
+            raise DetoxError(f"{where} must be {'an integer' if annotation is int else 'a number'}, got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise DetoxError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise DetoxError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    types_ = _field_types(type(obj))
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in types_:
+            known = ", ".join(types_)
+            raise DetoxError(f"unknown config key {where!r} (known here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{where}.")
+        else:
+            setattr(obj, key, _check_type(value, types_[key], where))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DetoxError(f"config file not found: {path}")
+    except UnicodeDecodeError:
+        raise DetoxError(f"config file is not UTF-8 text: {path}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise DetoxError(f"config file {path} is not valid YAML{where}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DetoxError(f"config file {path} must hold a mapping of settings")
+    return data
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise DetoxError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    text = resources.files("detoxrl.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults, then a preset, then a YAML file, then dotted overrides (``ppo.steps``)."""
+    config = Config()
+    if preset:
+        _apply(config, preset_values(preset))
+    if config_file:
+        _apply(config, load_yaml(config_file))
+    for dotted, value in (overrides or {}).items():
+        nested: dict[str, Any] = {}
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        _apply(config, nested)
+    return config
+
+
+def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:
+    """(dotted name, type, help) of every leaf setting, for building the command line."""
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], f.metadata.get("help", "")

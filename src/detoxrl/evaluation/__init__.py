@@ -1,0 +1,1 @@
+"""Evaluation of a detoxified policy against its reference model: statistics, report and run comparison."""

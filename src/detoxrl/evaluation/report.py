@@ -1,0 +1,363 @@
+"""A single self-contained HTML report of an evaluation.
+
+One file with inline CSS and plots embedded as base64 PNG, so it can be mailed,
+archived next to the run or opened offline without losing anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+REFERENCE_COLOR, POLICY_COLOR = "#e8590c", "#1c7ed6"
+GOOD_COLOR, BAD_COLOR, NEUTRAL_COLOR = "#2b8a3e", "#c92a2a", "#868e96"
+TRAINING_CURVES = (("env/reward_mean", "Reward (mean)"), ("objective/kl", "KL to reference"),
+                   ("objective/kl_coef", "KL coefficient"), ("ppo/loss/policy", "Policy loss"))
+QUALITY_LABELS = {"length_mean": "Mean length (tokens)", "distinct_1": "Distinct-1", "distinct_2": "Distinct-2",
+                  "rouge1": "ROUGE-1 F1", "rouge2": "ROUGE-2 F1", "rougeL": "ROUGE-L F1",
+                  "kl_mean": "KL to reference (mean)"}
+QUALITATIVE_ROWS = 10
+FIG_WIDTH = 11.0  # inches; one width for all plots keeps their fonts the same size on the page
+
+CSS = """
+* { box-sizing: border-box; }
+body { margin: 0; background: #f4f5f7; color: #212529; line-height: 1.45;
+       font: 14px/1.45 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1180px; margin: 0 auto; padding: 28px 24px 48px; }
+header { background: #1b2838; color: #f1f3f5; padding: 26px 24px; }
+header .inner { max-width: 1180px; margin: 0 auto; padding: 0 24px; }
+header h1 { margin: 0 0 12px; font-size: 24px; font-weight: 600; }
+dl.info { display: flex; flex-wrap: wrap; gap: 6px 28px; margin: 0; }
+dl.info div { display: flex; gap: 6px; }
+dl.info dt { color: #adb5bd; } dl.info dd { margin: 0; font-weight: 500; }
+h2 { font-size: 18px; margin: 34px 0 12px; font-weight: 600; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(260px, 1fr)); gap: 14px;
+         margin-bottom: 14px; }
+.card, .panel { background: #fff; border-radius: 8px; box-shadow: 0 1px 3px rgba(0,0,0,.08); }
+.card { padding: 16px 18px; }
+.card .name { font-weight: 600; font-size: 15px; }
+.card .big { font-size: 26px; font-weight: 600; margin: 8px 0 2px; font-variant-numeric: tabular-nums; }
+.card .big .arrow { color: #adb5bd; font-weight: 400; margin: 0 6px; }
+.card .sub { color: #495057; font-size: 13px; }
+.badge { display: inline-block; font-size: 11px; padding: 1px 7px; border-radius: 10px; margin-left: 6px;
+         background: #e7f5ff; color: #1864ab; font-weight: 500; vertical-align: middle; }
+.badge.held-out { background: #f3f0ff; color: #5f3dc4; }
+.panel { padding: 4px 0; overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; }
+th, td { padding: 8px 12px; text-align: left; vertical-align: top; }
+th { white-space: nowrap; font-size: 12px; text-transform: uppercase; letter-spacing: .03em; color: #6c757d; font-weight: 600;
+     border-bottom: 1px solid #dee2e6; }
+tbody tr + tr td { border-top: 1px solid #f1f3f5; }
+tbody tr.group td { border-top: 1px solid #dee2e6; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+th.num { text-align: right; }
+.good { color: #2b8a3e; font-weight: 600; } .bad { color: #c92a2a; font-weight: 600; }
+.muted { color: #868e96; } .nowrap { white-space: nowrap; }
+.note { color: #6c757d; font-size: 12.5px; margin: 8px 2px 0; }
+figure { margin: 0 0 14px; background: #fff; border-radius: 8px; box-shadow: 0 1px 3px rgba(0,0,0,.08);
+         padding: 12px; }
+figure img { width: 100%; display: block; }
+figcaption { color: #6c757d; font-size: 12.5px; margin-top: 6px; }
+td.text { max-width: 340px; white-space: pre-wrap; word-wrap: break-word; font-size: 13px; }
+"""
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _ok(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fmt_value(key: str, value) -> str:
+    """Human form of a run-info value: durations for ``*_s`` keys, 4 significant digits for floats."""
+    if _ok(value) and (key.endswith("_s") or key.endswith("seconds")):
+        m, s = divmod(int(round(value)), 60)
+        h, m = divmod(m, 60)
+        return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _num(x, spec: str = ".3f", scale: float = 1.0, suffix: str = "") -> str:
+    return f"{x * scale:{spec}}{suffix}" if _ok(x) else "—"
+
+
+def _p(p) -> str:
+    if not _ok(p):
+        return "—"
+    return "&lt;0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _verdict(diff: Mapping) -> str:
+    """CSS class of a difference: good when the whole CI is below zero (less toxic)."""
+    low, high = diff.get("ci_low"), diff.get("ci_high")
+    if _ok(high) and high < 0:
+        return "good"
+    if _ok(low) and low > 0:
+        return "bad"
+    return ""
+
+
+def _diff_cell(diff: Mapping, scale: float, spec: str, unit: str) -> str:
+    ci = (f' <span class="muted">[{_num(diff.get("ci_low"), spec, scale)}, {_num(diff.get("ci_high"), spec, scale)}]</span>'
+          if _ok(diff.get("ci_low")) else "")
+    return f'<td class="num"><span class="{_verdict(diff)}">{_num(diff.get("estimate"), spec, scale, unit)}</span>{ci}</td>'
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+# --------------------------------------------------------------------------- plots
+
+def _axes_style(ax) -> None:
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(alpha=0.25, linewidth=0.6)
+    ax.tick_params(labelsize=8.5)
+
+
+def _png(fig: Figure, alt: str, caption: str) -> str:
+    """A figure as an inline ``<img>``; the Agg canvas needs no display or GUI toolkit."""
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _smooth(y: np.ndarray) -> np.ndarray:
+    """Trailing moving average (window = 5% of steps), so the trend shows through noisy PPO batches.
+
+    The window grows from one point at the start instead of padding, which would bend the ends.
+    """
+    w = max(1, len(y) // 20)
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    i = np.arange(1, len(y) + 1)
+    return (c[i] - c[np.maximum(i - w, 0)]) / np.minimum(i, w)
+
+
+def training_plot(history: Sequence[Mapping]) -> str:
+    """Training curves over steps, one panel per logged quantity; empty when nothing was logged."""
+    curves = []
+    for key, label in TRAINING_CURVES:
+        pts = [(h.get("step", i), h[key]) for i, h in enumerate(history) if _ok(h.get(key))]
+        if pts:
+            curves.append((label, np.array(pts, dtype=float)))
+    if not curves:
+        return ""
+    fig = Figure(figsize=(FIG_WIDTH, 2.7), layout="constrained")
+    for ax, (label, pts) in zip(fig.subplots(1, len(curves), squeeze=False)[0], curves):
+        ax.plot(pts[:, 0], pts[:, 1], color=POLICY_COLOR, alpha=0.35, linewidth=1)
+        if len(pts) >= 40:
+            ax.plot(pts[:, 0], _smooth(pts[:, 1]), color=POLICY_COLOR, linewidth=1.8)
+        lo, hi = pts[:, 1].min(), pts[:, 1].max()
+        if hi - lo <= 1e-9 * max(1.0, abs(hi)):  # flat series: do not zoom into float rounding noise
+            pad = 0.1 * max(abs(hi), 1e-3)
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        _axes_style(ax)
+    return _png(fig, "training curves", "Training curves per PPO step (thin: raw; thick: moving average).")
+
+
+def histogram_plot(raw: Mapping[str, Mapping[str, Sequence[float]]], threshold: float) -> str:
+    """Overlaid toxicity histograms of reference and policy samples, one panel per evaluator."""
+    names = [n for n, sides in raw.items() if sides.get("reference") or sides.get("policy")]
+    if not names:
+        return ""
+    fig = Figure(figsize=(FIG_WIDTH, 3.0), layout="constrained")
+    bins = np.linspace(0, 1, 26)
+    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+        for side, color in (("reference", REFERENCE_COLOR), ("policy", POLICY_COLOR)):
+            values = np.asarray(raw[name].get(side) or [], dtype=float)
+            if values.size:
+                ax.hist(values, bins=bins, color=color, alpha=0.45, label=side)
+                ax.hist(values, bins=bins, color=color, histtype="step", linewidth=1.2)
+        ax.axvline(threshold, color="#495057", linestyle="--", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("toxicity probability", fontsize=9)
+        ax.set_ylabel("samples (log)", fontsize=9)
+        ax.legend(fontsize=8, frameon=False)
+        _axes_style(ax)
+    return _png(fig, "toxicity histograms",
+                f"Distribution of toxicity scores; the dashed line is the toxicity threshold ({threshold:g}).")
+
+
+def improvement_plot(evaluators: Mapping[str, Mapping]) -> str:
+    """Policy − reference differences with 95% CIs, so significance is visible at a glance."""
+    names = list(evaluators)
+    if not names:
+        return ""
+    panels = (("toxic_rate", "Δ toxic rate (pp)", 100.0), ("mean_toxicity", "Δ mean toxicity", 1.0))
+    fig = Figure(figsize=(FIG_WIDTH, 0.55 * len(names) + 1.3), layout="constrained")
+    for ax, (key, label, scale) in zip(fig.subplots(1, 2, sharey=True), panels):
+        for y, name in enumerate(names):
+            d = evaluators[name].get("difference", {}).get(key, {})
+            if not _ok(d.get("estimate")):
+                continue
+            color = {"good": GOOD_COLOR, "bad": BAD_COLOR}.get(_verdict(d), NEUTRAL_COLOR)
+            est = d["estimate"] * scale
+            if _ok(d.get("ci_low")) and _ok(d.get("ci_high")):
+                err = [[est - d["ci_low"] * scale], [d["ci_high"] * scale - est]]
+                ax.errorbar(est, y, xerr=err, fmt="o", color=color, capsize=4, markersize=6, linewidth=1.6)
+            else:
+                ax.plot(est, y, "o", color=color)
+        ax.axvline(0, color="#495057", linewidth=1)
+        ax.set_yticks(range(len(names)), names, fontsize=9)
+        ax.set_ylim(-0.6, len(names) - 0.4)
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=10)
+        _axes_style(ax)
+    return _png(fig, "improvement per evaluator",
+                "Policy − reference with 95% paired bootstrap CI; left of zero is less toxic "
+                "(green: CI below zero, red: above, grey: includes zero).")
+
+
+# --------------------------------------------------------------------------- sections
+
+def _info(items: Mapping) -> str:
+    cells = "".join(f"<div><dt>{_e(k.removesuffix('_s').replace('_', ' '))}</dt><dd>{_e(_fmt_value(k, v))}</dd></div>"
+                    for k, v in items.items() if v is not None and not isinstance(v, (dict, list)))
+    return f'<dl class="info">{cells}</dl>' if cells else ""
+
+
+def _badge(role) -> str:
+    return f'<span class="badge {_e(role)}">{_e(role)}</span>' if role else ""
+
+
+def _cards(evaluators: Mapping[str, Mapping]) -> str:
+    cards = []
+    for name, ev in evaluators.items():
+        d = ev.get("difference", {}).get("toxic_rate", {})
+        ref, pol = ev.get("reference", {}), ev.get("policy", {})
+        cards.append(
+            f'<div class="card"><div class="name">{_e(name)}{_badge(ev.get("role"))}</div>'
+            f'<div class="big">{_num(ref.get("toxic_rate"), ".1f", 100, "%")}<span class="arrow">→</span>'
+            f'{_num(pol.get("toxic_rate"), ".1f", 100, "%")}</div>'
+            f'<div class="sub">toxic rate · <span class="{_verdict(d)}">'
+            f'{_num(d.get("estimate"), "+.1f", 100, " pp")}</span> (p {_p(d.get("p_value"))})</div></div>')
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _summary_table(evaluators: Mapping[str, Mapping]) -> str:
+    rows = []
+    for name, ev in evaluators.items():
+        ref, pol = ev.get("reference", {}), ev.get("policy", {})
+        diff, rel, recipe = ev.get("difference", {}), ev.get("relative_change", {}), ev.get("recipe_improvement", {})
+        rate = diff.get("toxic_rate", {})
+        mean = diff.get("mean_toxicity", {})
+        rows.append(
+            f'<tr class="group"><td rowspan="2"><b>{_e(name)}</b>{_badge(ev.get("role"))}</td><td class="nowrap">Toxic rate</td>'
+            f'<td class="num">{_num(ref.get("toxic_rate"), ".1f", 100, "%")}</td>'
+            f'<td class="num">{_num(pol.get("toxic_rate"), ".1f", 100, "%")}</td>'
+            f'{_diff_cell(rate, 100, "+.1f", " pp")}<td class="num">{_p(rate.get("p_value"))}</td>'
+            f'<td class="num">{_num(rel.get("toxic_rate"), "+.1f", 100, "%")}</td>'
+            f'<td class="num muted">—</td></tr>')
+        rows.append(
+            f'<tr><td class="nowrap">Mean toxicity</td>'
+            f'<td class="num">{_num(ref.get("mean"), ".4f")} <span class="muted">± {_num(ref.get("std"), ".3f")}</span></td>'
+            f'<td class="num">{_num(pol.get("mean"), ".4f")} <span class="muted">± {_num(pol.get("std"), ".3f")}</span></td>'
+            f'{_diff_cell(mean, 1, "+.4f", "")}<td class="num">{_p(mean.get("p_value"))}</td>'
+            f'<td class="num">{_num(rel.get("mean_toxicity"), "+.1f", 100, "%")}</td>'
+            f'<td class="num">{_num(recipe.get("mean_pct"), ".1f", 1, "%")} '
+            f'<span class="muted">/ {_num(recipe.get("std_pct"), ".1f", 1, "%")}</span></td></tr>')
+    head = ("<tr><th>Evaluator</th><th>Metric</th><th class='num'>Reference</th><th class='num'>Policy</th>"
+            "<th class='num'>Difference [95% CI]</th><th class='num'>p-value</th>"
+            "<th class='num'>Relative change</th><th class='num'>Recipe improvement<br>mean / std</th></tr>")
+    return f'<div class="panel"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def _quality_table(quality: Mapping[str, Mapping]) -> str:
+    ref, pol = quality.get("reference", {}), quality.get("policy", {})
+    keys = [k for k in QUALITY_LABELS if k in ref or k in pol]
+    keys += [k for k in {**ref, **pol} if k not in QUALITY_LABELS]
+    if not keys:
+        return ""
+    rows = "".join(
+        f'<tr><td>{_e(QUALITY_LABELS.get(k, k))}</td><td class="num">{_num(ref.get(k), ".4g")}</td>'
+        f'<td class="num">{_num(pol.get(k), ".4g")}</td>'
+        f'<td class="num">{_num(pol[k] - ref[k], "+.4g") if _ok(ref.get(k)) and _ok(pol.get(k)) else "—"}</td></tr>'
+        for k in keys)
+    head = "<tr><th>Metric</th><th class='num'>Reference</th><th class='num'>Policy</th><th class='num'>Difference</th></tr>"
+    return (f'<h2>Generation quality</h2><div class="panel"><table><thead>{head}</thead>'
+            f"<tbody>{rows}</tbody></table></div>")
+
+
+def _reward_class(diff) -> str:
+    """A reward gain is good (the classifier found the response less toxic)."""
+    return "" if not _ok(diff) or diff == 0 else "good" if diff > 0 else "bad"
+
+
+def _qualitative(table: Sequence[Mapping]) -> str:
+    """Most and least improved prompts; with few rows each prompt is shown once."""
+    if not table:
+        return ""
+    top = list(table[:QUALITATIVE_ROWS])
+    bottom = list(table[max(QUALITATIVE_ROWS, len(table) - QUALITATIVE_ROWS):])[::-1]
+    head = ("<tr><th>Query</th><th>Reference response</th><th>Policy response</th>"
+            "<th class='num'>Reward before</th><th class='num'>Reward after</th><th class='num'>Difference</th></tr>")
+
+    def block(title: str, rows: list) -> str:
+        body = "".join(
+            f'<tr><td class="text">{_e(r.get("query", ""))}</td><td class="text">{_e(r.get("response_before", ""))}</td>'
+            f'<td class="text">{_e(r.get("response_after", ""))}</td>'
+            f'<td class="num">{_num(r.get("reward_before"), ".3f")}</td><td class="num">{_num(r.get("reward_after"), ".3f")}</td>'
+            f'<td class="num"><span class="{_reward_class(r.get("difference"))}">'
+            f'{_num(r.get("difference"), "+.3f")}</span></td></tr>' for r in rows)
+        return f'<h2>{title}</h2><div class="panel"><table><thead>{head}</thead><tbody>{body}</tbody></table></div>'
+
+    return block("Most improved prompts", top) + (block("Least improved prompts", bottom) if bottom else "")
+
+
+def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[Mapping], path: str | Path,
+                  raw: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> Path:
+    """Write the evaluation report to ``path`` as one self-contained HTML file and return the path.
+
+    ``metrics`` follows the layout of ``metrics.json`` (``run``, ``train``, ``evaluation``);
+    ``table`` is a :func:`~detoxrl.evaluation.stats.qualitative_table`; ``history`` the
+    per-step training logs; ``raw`` optional per-evaluator sample scores
+    (``{name: {"reference": [...], "policy": [...]}}``) kept out of ``metrics`` so the
+    JSON stays small.
+    """
+    evaluation = metrics.get("evaluation", {})
+    evaluators = evaluation.get("evaluators", {})
+    threshold = evaluation.get("threshold", 0.5)
+    settings = {k: evaluation.get(k) for k in ("num_prompts", "samples_per_prompt", "threshold")}
+    model = metrics.get("run", {}).get("model")
+    parts = [
+        f"<header><div class='inner'><h1>Detoxification report{' · ' + _e(model) if model else ''}</h1>"
+        f"{_info(metrics.get('run', {}))}{_info(metrics.get('train', {}))}{_info(settings)}</div></header><main>",
+    ]
+    if evaluators:
+        parts += ["<h2>Toxicity</h2>", _cards(evaluators), _summary_table(evaluators),
+                  "<p class='note'>Difference = policy − reference over the same prompts; 95% CI from a paired "
+                  "bootstrap over prompts, p-value from a paired sign-flip permutation test. Recipe improvement "
+                  "= (reference − policy) / |reference| of the mean and the standard deviation, shown only for "
+                  "comparison with the published recipe.</p>",
+                  "<h2>Improvement per evaluator</h2>", improvement_plot(evaluators)]
+    if raw:
+        parts += ["<h2>Toxicity distribution</h2>", histogram_plot(raw, threshold)]
+    parts.append(_quality_table(evaluation.get("quality", {})))
+    training = training_plot(history)
+    if training:
+        parts += ["<h2>Training</h2>", training]
+    parts += [_qualitative(table), "</main>"]
+    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+           f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+           f"<title>Detoxification report</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc, encoding="utf-8")
+    return path

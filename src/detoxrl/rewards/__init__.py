@@ -1,0 +1,33 @@
+"""Scorers: rewards for PPO and toxicity for evaluation, behind one interface."""
+
+from __future__ import annotations
+
+from ..config import RewardConfig
+from .base import Scorer, log_odds
+from .builtin import HateSonarScorer, ProfanityScorer
+from .classifier import ClassifierScorer, label_index, reward_from_logits
+from .custom import CallableScorer
+
+BUILTIN = {"hatesonar": HateSonarScorer, "profanity-check": ProfanityScorer}
+
+__all__ = [
+    "Scorer", "log_odds", "HateSonarScorer", "ProfanityScorer", "ClassifierScorer", "CallableScorer",
+    "label_index", "reward_from_logits", "build_reward", "build_evaluator",
+]
+
+
+def build_reward(config: RewardConfig, device: str = "cpu", trust_remote_code: bool = False) -> Scorer:
+    if config.scorer in BUILTIN:
+        return BUILTIN[config.scorer]()
+    if config.scorer == "callable":
+        return CallableScorer(config.function or "")
+    return ClassifierScorer(
+        config.model, config.label, config.transform, config.batch_size, device, trust_remote_code
+    )
+
+
+def build_evaluator(spec: str, nontoxic_label: str = "nothate", device: str = "cpu") -> Scorer:
+    """A held-out evaluator by name: a built-in scorer, or any classifier id/path."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]()
+    return ClassifierScorer(spec, nontoxic_label, "prob", device=device)

@@ -1,0 +1,35 @@
+"""A user's Python function as the reward: ``module:function`` taking a list of texts."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import numpy as np
+
+from ..errors import DetoxError
+from .base import Scorer
+
+
+class CallableScorer(Scorer):
+    def __init__(self, spec: str):
+        module_name, _, function_name = spec.partition(":")
+        if not module_name or not function_name:
+            raise DetoxError(f"reward.function must look like module:function, got {spec!r}")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise DetoxError(f"cannot import reward module {module_name!r}: {exc}") from exc
+        self.function = getattr(module, function_name, None)
+        if not callable(self.function):
+            raise DetoxError(f"{spec!r}: module {module_name!r} has no function {function_name!r}")
+        self.name = spec
+
+    def rewards(self, texts: list[str]) -> np.ndarray:
+        values = np.asarray(self.function(list(texts)), dtype=np.float32).reshape(-1)
+        if len(values) != len(texts):
+            raise DetoxError(f"reward function {self.name!r} returned {len(values)} values for {len(texts)} texts")
+        return values
