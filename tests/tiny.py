@@ -45,6 +45,7 @@ def save_tiny_t5(path: Path, seed: int = 0) -> Path:
         vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        initializer_factor=0.3,
     )
     T5ForConditionalGeneration(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -57,7 +58,7 @@ def save_tiny_llama(path: Path, seed: int = 0) -> Path:
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=3,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, initializer_range=0.1,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)

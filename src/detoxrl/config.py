@@ -39,7 +39,7 @@ class ModelConfig:
     lora_r: int = _f(32, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.05, "LoRA dropout (stored in the adapter; PPO passes run without dropout).")
-    target_modules: list[str] | None = _f(None, "LoRA target modules; default chosen per architecture.")
+    target_modules: list[str] | None = _f(None, "LoRA target modules (or all-linear); default: peft's choice per architecture (q,v).")
     chat_template: bool | None = _f(None, "Wrap prompts in the tokenizer's chat template (default: if it has one).")
     system_prompt: str | None = _f(None, "System message for chat templates.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless asked).")

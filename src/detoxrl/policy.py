@@ -289,7 +289,8 @@ def load_policy(config: ModelConfig, adapter: str | Path | None = None) -> Polic
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules,
+            # peft spells "every linear layer but the output head" as a plain string.
+            target_modules="all-linear" if config.target_modules == ["all-linear"] else config.target_modules,
         )
         try:
             model = get_peft_model(base, lora)

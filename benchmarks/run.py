@@ -1,0 +1,430 @@
+#!/usr/bin/env python3
+"""Time one PPO iteration of detoxrl and of TRL baselines on identical settings.
+
+Each side runs in a virtual environment of its own (created here under benchmarks/.venvs/
+on first use), as a fresh subprocess per measurement. Repeats are interleaved
+(A B C A B C ...), so slow drift of the machine hits every side alike. Each subprocess
+loads the same random model from disk, runs warm-up iteration(s) that are not timed, then
+times the iteration(s) and prints one JSON line. This script reports the medians over the
+repeats and the ratio of each side to detoxrl, and writes everything to a JSON file.
+
+    python benchmarks/run.py                       # everything, full size, 3 repeats
+    python benchmarks/run.py --quick               # tiny sizes: a smoke run
+    python benchmarks/run.py --quick --sides detoxrl
+    python benchmarks/run.py --setting seq2seq --sides detoxrl,trl-ppo-batched --repeats 5
+
+See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SIDES_DIR = HERE / "sides"
+VENVS = HERE / ".venvs"
+RESULTS = HERE / "results"
+
+sys.path.insert(0, str(SIDES_DIR))
+import _common as common  # noqa: E402  (stdlib-only at import time)
+
+TORCH = "torch==2.13.0"  # the CPU build on this machine's disk; anything else pulls a CUDA build
+
+# Environments. Each entry is the pip arguments that install it.
+ENVIRONMENTS = {
+    # TRL 0.11.4: the last release with the classic PPOTrainer and the value-head models.
+    "trl-0.11": [
+        "trl==0.11.4", "transformers==4.46.3", "peft==0.13.2", "accelerate==1.1.1", "datasets<3", "rich", TORCH,
+    ],
+    # The current TRL; RLOO with LoRA needs peft (pinned to the version detoxrl is tested with).
+    "trl-1.16": ["trl==1.16.0", "peft==0.21.2", TORCH],
+    # detoxrl itself, editable, with the project's pinned constraints.
+    "detoxrl": None,  # built by detoxrl_install_args()
+}
+
+
+def detoxrl_install_args() -> list[str]:
+    constraints = ROOT / "constraints.txt"
+    args = ["-c", str(constraints)] if constraints.is_file() else []
+    return args + [TORCH, "-e", str(ROOT)]
+
+
+def environment_args(name: str) -> list[str]:
+    return detoxrl_install_args() if name == "detoxrl" else list(ENVIRONMENTS[name])
+
+
+def environment_stamp(name: str) -> str:
+    """Changes when what the environment should hold changes (then it is re-installed)."""
+    h = hashlib.sha256(json.dumps(environment_args(name)).encode())
+    if name == "detoxrl":
+        for f in ("pyproject.toml", "constraints.txt"):
+            p = ROOT / f
+            h.update(p.read_bytes() if p.is_file() else b"-")
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Side:
+    name: str
+    environment: str
+    script: str
+    args: list[str]
+    settings: tuple[str, ...]  # settings it can run
+    default_settings: tuple[str, ...]  # settings it runs when --sides is not given
+    description: str
+
+
+SIDES = {
+    s.name: s
+    for s in [
+        Side("detoxrl", "detoxrl", "detoxrl_side.py", [], ("seq2seq", "causal"), ("seq2seq", "causal"),
+             "detoxrl PPOTrainer.step (batched generation, log-probs and values taken from generation)"),
+        Side("trl-ppo-loop", "trl-0.11", "trl_ppo.py", ["--generation", "loop"], ("seq2seq", "causal"),
+             ("seq2seq",), "TRL 0.11.4 PPOTrainer, one generate() per prompt (the recipe's loop), then step()"),
+        Side("trl-ppo-batched", "trl-0.11", "trl_ppo.py", ["--generation", "batched"], ("seq2seq", "causal"),
+             ("seq2seq", "causal"), "TRL 0.11.4 PPOTrainer, generate(list, batch_size=B), then step()"),
+        Side("trl-rloo", "trl-1.16", "trl_rloo.py", [], ("causal",), ("causal",),
+             "TRL 1.16 RLOOTrainer.train(), B/2 prompts x 2 completions per round"),
+    ]
+}
+REFERENCE_SIDE = "detoxrl"
+PHASES = ["generation_s", "reward_s", "reference_s", "optimisation_s", "total_s"]
+
+
+@dataclass
+class Run:
+    repeat: int
+    setting: str
+    side: str
+    rc: int | None = None
+    wall_s: float | None = None
+    loadavg_before: list[float] = field(default_factory=list)
+    result: dict | None = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- environments
+def venv_python(name: str) -> Path:
+    return VENVS / name / "bin" / "python"
+
+
+def ensure_environment(name: str, base_python: str, install: bool) -> Path:
+    path = VENVS / name
+    python = venv_python(name)
+    stamp_file = path / ".bench-stamp"
+    stamp = environment_stamp(name)
+    if python.exists() and stamp_file.is_file() and stamp_file.read_text().strip() == stamp:
+        return python
+    if not install:
+        raise SystemExit(f"environment {name} is missing or out of date at {path}; run without --no-install")
+    VENVS.mkdir(parents=True, exist_ok=True)
+    log = VENVS / f"{name}.install.log"
+    if not python.exists():
+        print(f"creating environment {name} ({path}) ...", flush=True)
+        subprocess.run([base_python, "-m", "venv", str(path)], check=True)
+    print(f"installing into {name}: pip install {' '.join(environment_args(name))} (log: {log})", flush=True)
+    t = time.perf_counter()
+    with open(log, "w") as fh:
+        rc = subprocess.call(
+            [str(python), "-m", "pip", "install", "--disable-pip-version-check", *environment_args(name)],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT),
+        )
+    if rc != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise SystemExit(f"installing environment {name} failed (exit {rc}); end of {log}:\n{tail}")
+    stamp_file.write_text(stamp + "\n")
+    print(f"  {name} ready in {time.perf_counter() - t:.0f} s", flush=True)
+    return python
+
+
+def environment_versions(python: Path) -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json\n"
+        "out = {}\n"
+        "for p in ['torch', 'transformers', 'trl', 'peft', 'accelerate', 'datasets', 'numpy', 'detoxrl']:\n"
+        "    try: out[p] = m.version(p)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, json.JSONDecodeError, IndexError):
+        return {}
+
+
+# --------------------------------------------------------------------------- models
+def model_dir(environment: str, setting_name: str, quick: bool) -> Path:
+    s = common.setting(setting_name, quick)
+    key = hashlib.sha256(json.dumps(asdict(s), sort_keys=True).encode()).hexdigest()[:10]
+    return VENVS / "_models" / environment / f"{setting_name}-{'quick' if quick else 'full'}-{key}"
+
+
+def ensure_model(python: Path, environment: str, setting_name: str, quick: bool, env: dict) -> Path:
+    """Build and save the random model with this environment's transformers, once."""
+    out = model_dir(environment, setting_name, quick)
+    if (out / "config.json").is_file():
+        return out
+    print(f"preparing the {setting_name} model for {environment} ...", flush=True)
+    cmd = [str(python), str(SIDES_DIR / "_common.py"), "prepare", "--setting", setting_name, "--out", str(out)]
+    if quick:
+        cmd.append("--quick")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(SIDES_DIR))
+    if proc.returncode != 0:
+        raise SystemExit(f"preparing the {setting_name} model in {environment} failed:\n{proc.stderr[-3000:]}")
+    return out
+
+
+# --------------------------------------------------------------------------- running
+def side_env(threads: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HOME=str(VENVS / "_hf-home"),
+        DETOXRL_CACHE=str(VENVS / "_detoxrl-cache"),
+        WANDB_DISABLED="true",
+        PYTHONHASHSEED="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def parse_result(stdout: str) -> dict | None:
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{") and '"side"' in line:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def run_side(run: Run, python: Path, model: Path, args, env: dict) -> Run:
+    side = SIDES[run.side]
+    cmd = [
+        str(python), str(SIDES_DIR / side.script), *side.args,
+        "--setting", run.setting, "--model-dir", str(model), "--warmup", str(args.warmup),
+        "--iterations", str(args.iterations), "--threads", str(args.threads), "--side-name", side.name,
+    ]
+    if args.quick:
+        cmd.append("--quick")
+    run.loadavg_before = [round(x, 2) for x in os.getloadavg()]
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(SIDES_DIR), timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        run.wall_s = time.perf_counter() - t
+        run.error = f"timed out after {args.timeout} s"
+        return run
+    run.wall_s = round(time.perf_counter() - t, 2)
+    run.rc = proc.returncode
+    run.result = parse_result(proc.stdout)
+    if proc.returncode != 0 or run.result is None:
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-30:]
+        run.error = f"exit {proc.returncode}; " + ("\n".join(tail) if tail else "no output")
+        run.result = None
+    return run
+
+
+# --------------------------------------------------------------------------- summary
+def summarise(runs: list[Run]) -> dict:
+    summary: dict[str, dict] = {}
+    for r in runs:
+        if r.result is None:
+            continue
+        rows = summary.setdefault(r.setting, {}).setdefault(r.side, {"results": []})
+        rows["results"].append(r.result)
+    for setting_name, sides in summary.items():
+        for side_name, rows in sides.items():
+            results = rows.pop("results")
+            rows["n"] = len(results)
+            for key in PHASES + ["peak_rss_mb", "samples_per_s"]:
+                values = [x[key] for x in results if x.get(key) is not None]
+                rows[key] = round(common.median(values), 4) if values else None
+            totals = [x["total_s"] for x in results]
+            rows["total_s_min"], rows["total_s_max"] = min(totals), max(totals)
+        ref = sides.get(REFERENCE_SIDE)
+        for side_name, rows in sides.items():
+            if ref and ref.get("total_s") and rows.get("total_s"):
+                # > 1: the side takes that many times as long per trained sample as detoxrl.
+                rows["time_vs_detoxrl"] = round(rows["total_s"] / ref["total_s"], 3)
+                rows["peak_rss_vs_detoxrl"] = round(rows["peak_rss_mb"] / ref["peak_rss_mb"], 3)
+            else:
+                rows["time_vs_detoxrl"] = rows["peak_rss_vs_detoxrl"] = None
+    return summary
+
+
+def fmt(value, width: int, digits: int = 2) -> str:
+    if value is None:
+        return "-".rjust(width)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}".rjust(width)
+    return str(value).rjust(width)
+
+
+def print_table(summary: dict, quick: bool) -> None:
+    header = (
+        f"{'setting':<8} {'side':<16} {'n':>2} {'generate':>9} {'reward':>7} {'ref':>7} {'optimise':>9} "
+        f"{'total s':>8} {'(min-max)':>15} {'samples/s':>9} {'peak MB':>8} {'x detoxrl':>9}"
+    )
+    print()
+    print(f"medians per side ({'quick sizes' if quick else 'full sizes'}); times in seconds per PPO iteration")
+    print(header)
+    print("-" * len(header))
+    for setting_name in ("seq2seq", "causal"):
+        for side_name in SIDES:
+            rows = summary.get(setting_name, {}).get(side_name)
+            if not rows:
+                continue
+            spread = f"{rows['total_s_min']:.2f}-{rows['total_s_max']:.2f}"
+            ratio = rows.get("time_vs_detoxrl")
+            print(
+                f"{setting_name:<8} {side_name:<16} {rows['n']:>2} {fmt(rows['generation_s'], 9)} "
+                f"{fmt(rows['reward_s'], 7, 3)} {fmt(rows['reference_s'], 7)} {fmt(rows['optimisation_s'], 9)} "
+                f"{fmt(rows['total_s'], 8)} {spread:>15} {fmt(rows['samples_per_s'], 9, 3)} "
+                f"{fmt(rows['peak_rss_mb'], 8, 0)} {fmt(ratio, 9)}"
+            )
+    print()
+    for setting_name in ("seq2seq", "causal"):
+        for side_name, rows in summary.get(setting_name, {}).items():
+            if side_name != REFERENCE_SIDE and rows.get("time_vs_detoxrl"):
+                print(f"{setting_name}: detoxrl is {rows['time_vs_detoxrl']:.2f}x as fast as {side_name} "
+                      f"(samples/s {summary[setting_name][REFERENCE_SIDE]['samples_per_s']:.3f} vs "
+                      f"{rows['samples_per_s']:.3f}); peak RSS ratio {rows['peak_rss_vs_detoxrl']:.2f}")
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke run in seconds")
+    parser.add_argument("--setting", choices=["seq2seq", "causal", "all"], default="all")
+    parser.add_argument("--sides", default=None,
+                        help=f"comma-separated sides (default: all): {', '.join(SIDES)}")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="subprocesses per side, interleaved (default: 3; 1 with --quick)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations in each subprocess (default 1)")
+    parser.add_argument("--iterations", type=int, default=1,
+                        help="timed iterations in each subprocess; their median is its result (default 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on every side (default 2)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds before a subprocess is stopped")
+    parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/<timestamp>.json)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter the environments are made from")
+    parser.add_argument("--no-install", action="store_true", help="fail instead of creating/updating environments")
+    parser.add_argument("--list", action="store_true", help="list the sides and exit")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.repeats < 1 or args.iterations < 1 or args.warmup < 0:
+        parser.error("--repeats and --iterations must be >= 1, --warmup >= 0")
+    return args
+
+
+def plan(args) -> list[tuple[str, str]]:
+    """(setting, side) pairs in the order one repeat runs them."""
+    settings = ["seq2seq", "causal"] if args.setting == "all" else [args.setting]
+    if args.sides:
+        names = [n.strip() for n in args.sides.split(",") if n.strip()]
+        unknown = [n for n in names if n not in SIDES]
+        if unknown:
+            raise SystemExit(f"unknown side(s) {', '.join(unknown)}; sides: {', '.join(SIDES)}")
+        pairs = [(st, n) for st in settings for n in names if st in SIDES[n].settings]
+    else:
+        pairs = [(st, n) for st in settings for n in SIDES if st in SIDES[n].default_settings]
+    if not pairs:
+        raise SystemExit("nothing to run: none of the chosen sides runs the chosen setting(s)")
+    return pairs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for side in SIDES.values():
+            print(f"{side.name:<16} env {side.environment:<9} settings {','.join(side.settings):<15} "
+                  f"{side.description}")
+        return 0
+    pairs = plan(args)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    out = Path(args.out) if args.out else RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}{'-quick' if args.quick else ''}.json"
+    if sys.version_info[:2] != (3, 11):
+        print(f"warning: environments are made from Python {platform.python_version()}; "
+              f"the local torch 2.13.0 CPU build is for Python 3.11", file=sys.stderr)
+
+    env = side_env(args.threads)
+    environments = sorted({SIDES[side].environment for _, side in pairs})
+    pythons = {name: ensure_environment(name, args.python, not args.no_install) for name in environments}
+    models = {
+        (SIDES[side].environment, st): ensure_model(pythons[SIDES[side].environment], SIDES[side].environment, st,
+                                                    args.quick, env)
+        for st, side in pairs
+    }
+
+    runs: list[Run] = []
+    total = args.repeats * len(pairs)
+    print(f"{total} runs: {args.repeats} repeat(s) x [{', '.join(f'{st}/{sd}' for st, sd in pairs)}]", flush=True)
+    for repeat in range(args.repeats):
+        for st, side in pairs:
+            run = Run(repeat=repeat, setting=st, side=side)
+            environment = SIDES[side].environment
+            run_side(run, pythons[environment], models[(environment, st)], args, env)
+            runs.append(run)
+            if run.result:
+                r = run.result
+                print(f"[{len(runs)}/{total}] {st:<8} {side:<16} total {r['total_s']:.2f} s "
+                      f"(generate {r['generation_s']:.2f}, ref {r['reference_s']:.2f}, "
+                      f"optimise {r['optimisation_s']:.2f}), peak {r['peak_rss_mb']:.0f} MB, "
+                      f"load {run.loadavg_before[0]:.2f}", flush=True)
+            else:
+                print(f"[{len(runs)}/{total}] {st:<8} {side:<16} FAILED: {run.error}", flush=True)
+
+    summary = summarise(runs)
+    print_table(summary, args.quick)
+    failed = [r for r in runs if r.result is None]
+    document = {
+        "started": started.isoformat(),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "options": {k: v for k, v in vars(args).items() if k not in ("list",)},
+        "host": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "settings": {st: asdict(common.setting(st, args.quick)) for st in sorted({st for st, _ in pairs})},
+        "lora": common.LORA,
+        "sides": {name: asdict(SIDES[name]) for name in sorted({sd for _, sd in pairs})},
+        "environments": {name: {"pip_install": environment_args(name), "versions": environment_versions(py)}
+                         for name, py in pythons.items()},
+        "runs": [asdict(r) for r in runs],
+        "summary": summary,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=1))
+    print(f"\nwrote {out}")
+    if failed:
+        print(f"{len(failed)} run(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""detoxrl: ``detoxrl.policy.load_policy`` + ``detoxrl.ppo.trainer.PPOTrainer.step(prompts)``.
+
+The model directory is loaded by path through detoxrl's own loading code; LoRA (r, alpha,
+dropout, targets), generation (min = max = response tokens, pure sampling), batch and
+mini-batch sizes and the learning rate are set through detoxrl's configuration. The reward
+is the shared stand-in, given to the trainer as a ``Scorer``. Phases are the trainer's own
+``time/*`` statistics.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+import _common as common  # noqa: E402
+
+
+def main() -> None:
+    args = common.side_arguments(__doc__.splitlines()[0])
+    common.setup_process(args.threads)
+    s = common.setting(args.setting, args.quick)
+
+    import numpy as np
+    from detoxrl.config import build_config
+    from detoxrl.policy import load_policy
+    from detoxrl.ppo.trainer import PPOTrainer
+    from detoxrl.rewards import Scorer
+
+    steps = args.warmup + args.iterations
+    config = build_config(
+        overrides={
+            "model.name_or_path": os.path.abspath(args.model_dir),
+            "model.lora_r": common.LORA["r"],
+            "model.lora_alpha": common.LORA["lora_alpha"],
+            "model.lora_dropout": common.LORA["lora_dropout"],
+            "model.target_modules": s.lora_targets,
+            "generation.min_new_tokens": s.response_tokens,
+            "generation.max_new_tokens": s.response_tokens,
+            "generation.top_k": 0,
+            "generation.top_p": 1.0,
+            "generation.temperature": 1.0,
+            "data.max_prompt_tokens": max(512, s.prompt_tokens),
+            "ppo.steps": steps,
+            "ppo.batch_size": s.batch_size,
+            "ppo.mini_batch_size": s.mini_batch_size,
+            "ppo.ppo_epochs": 1,
+            "ppo.gradient_accumulation_steps": 1,
+            "ppo.learning_rate": common.LEARNING_RATE,
+            "device": "cpu",
+            "mixed_precision": "no",
+            "report_to": ["none"],
+            "seed": common.SEED,
+            "threads": args.threads,
+        }
+    )
+
+    step_index = {"value": 0}
+
+    class StandInScorer(Scorer):
+        name = "stand-in"
+
+        def rewards(self, texts: list[str]) -> np.ndarray:
+            return np.asarray(common.stand_in_rewards(len(texts), step_index["value"]), dtype=np.float32)
+
+    policy = load_policy(config.model)
+    all_prompts = [p for i in range(-args.warmup, args.iterations) for p in common.prompt_texts(s, i)]
+    trainer = PPOTrainer(config, policy, StandInScorer(), all_prompts)
+
+    def iteration(step: int) -> dict[str, float]:
+        step_index["value"] = step
+        prompts = common.prompt_texts(s, step)
+        t0 = time.perf_counter()
+        stats = trainer.step(prompts)
+        wall = time.perf_counter() - t0
+        lengths = stats.get("env/response_length_mean")
+        if lengths is not None and abs(lengths - s.response_tokens) > 0.5:
+            raise SystemExit(f"mean response length {lengths}, expected {s.response_tokens}")
+        return {
+            "generation_s": stats.get("time/generation"),
+            "reward_s": stats.get("time/reward"),
+            "reference_s": stats.get("time/reference"),
+            "optimisation_s": stats.get("time/optimisation"),
+            "total_s": stats.get("time/total", wall),
+            "step_wall_s": wall,
+        }
+
+    for w in range(args.warmup):
+        iteration(-1 - w)
+    results = [iteration(i) for i in range(args.iterations)]
+    common.report(args.side_name or "detoxrl", s, results)
+
+
+if __name__ == "__main__":
+    main()

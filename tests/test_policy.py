@@ -1,0 +1,101 @@
+"""Loading, the adapter-disabled reference, padding sides, and save/load symmetry."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from detoxrl.config import GenerationConfig, ModelConfig
+from detoxrl.errors import DetoxError
+from detoxrl.policy import forward_response, load_policy
+from detoxrl.ppo.core import logprobs_from_logits, sampling_logits
+from detoxrl.ppo.rollout import generate, reference_logprobs
+
+PROMPTS = ["the person1 said thanks about work and the meeting", "school talk"]
+
+
+def perturb_adapter(policy):
+    """A fresh LoRA is a no-op (B = 0); move it so policy and reference differ."""
+    torch.manual_seed(1)
+    for name, param in policy.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+
+
+@pytest.mark.parametrize("model, auto", [("tiny_t5", AutoModelForSeq2SeqLM), ("tiny_llama", AutoModelForCausalLM)])
+def test_reference_is_base_model_with_adapter_disabled(model, auto, request):
+    path = request.getfixturevalue(model)
+    policy = load_policy(ModelConfig(name_or_path=str(path)))
+    perturb_adapter(policy)
+    base = auto.from_pretrained(path).eval()
+    query = policy.tokenize_prompts(PROMPTS, 64, "cpu")
+    response = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    with torch.no_grad():
+        expected = forward_response(base, query["input_ids"], query["attention_mask"], response).logits
+        with policy.reference_model() as reference:
+            got = forward_response(reference, query["input_ids"], query["attention_mask"], response).logits
+        adapted = forward_response(policy.model, query["input_ids"], query["attention_mask"], response).logits
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(adapted, expected)  # the adapter is really on outside the context
+    # No second copy of the weights: the reference shares the policy's base parameters.
+    assert policy.reference is None
+
+
+def test_padding_sides(tiny_t5, tiny_llama):
+    t5 = load_policy(ModelConfig(name_or_path=str(tiny_t5)))
+    llama = load_policy(ModelConfig(name_or_path=str(tiny_llama)))
+    q5 = t5.tokenize_prompts(PROMPTS, 64, "cpu")["attention_mask"]
+    ql = llama.tokenize_prompts(PROMPTS, 64, "cpu")["attention_mask"]
+    assert q5[1, 0] == 1 and q5[1, -1] == 0  # encoder-decoder: right padding
+    assert ql[1, 0] == 0 and ql[1, -1] == 1  # decoder-only: left padding
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_generation_logprobs_match_the_sampling_distribution(model, request):
+    """Log-probs reused from generation equal a teacher-forced pass under the same transform,
+    with temperature and min_new_tokens (the settings that gave the old stack negative KL)."""
+    policy = load_policy(ModelConfig(name_or_path=str(request.getfixturevalue(model))))
+    perturb_adapter(policy)
+    settings = GenerationConfig(max_new_tokens=8, min_new_tokens=4, temperature=0.7)
+    rollout = generate(policy, policy.model, PROMPTS, settings, 64, policy.module.value_head)
+    with torch.no_grad():
+        out = policy.module(rollout.query_ids, rollout.query_mask, rollout.response_ids)
+    logits = sampling_logits(out.logits, 0.7, 4, policy.eos_token_ids)
+    expected = logprobs_from_logits(logits, rollout.response_ids) * rollout.mask
+    torch.testing.assert_close(rollout.logprobs, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rollout.values, out.values * rollout.mask, atol=1e-4, rtol=1e-4)
+    assert (rollout.mask.sum(dim=1) >= 4).all()  # EOS really was banned before min_new_tokens
+    ref = reference_logprobs(policy, rollout, settings)
+    assert torch.isfinite(ref).all()
+
+
+def test_save_and_reload(tiny_llama, tmp_path):
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_llama)))
+    perturb_adapter(policy)
+    with torch.no_grad():
+        policy.module.value_head.summary.bias.fill_(0.25)
+    policy.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "value_head.safetensors").is_file()
+    assert not list((tmp_path / "adapter").glob("*.bin"))
+    again = load_policy(ModelConfig(name_or_path=str(tiny_llama)), adapter=tmp_path / "adapter")
+    before = dict(policy.model.named_parameters())
+    for name, param in again.model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(param, before[name])
+            assert param.requires_grad  # an existing adapter is made trainable
+    assert again.module.value_head.summary.bias.item() == pytest.approx(0.25)
+
+
+def test_loading_errors(tmp_path):
+    with pytest.raises(DetoxError, match="does not exist"):
+        load_policy(ModelConfig(name_or_path=str(tmp_path / "missing")))
+    with pytest.raises(DetoxError, match="GGUF file not found"):
+        load_policy(ModelConfig(name_or_path=str(tmp_path / "x.gguf")))
+    with pytest.raises(DetoxError, match="not installed"):
+        load_policy(ModelConfig(name_or_path="pkg://no_such_package_here/x.gguf"))
+
+
+def test_unknown_hub_id_says_hub_or_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DetoxError, match="smollm2-offline"):
+        load_policy(ModelConfig(name_or_path="nobody/no-such-model-xyz"))

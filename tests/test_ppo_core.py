@@ -1,0 +1,359 @@
+"""The PPO math in detoxrl.ppo.core, checked against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from detoxrl.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    explained_variance,
+    gae_advantages,
+    kl_penalised_rewards,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_losses,
+    response_mask,
+    sampling_logits,
+)
+
+
+def close(actual, expected, tol=1e-5):
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.allclose(actual, expected, atol=tol, rtol=tol), (actual, expected)
+
+
+# Real tokens are 1, 2 (row 0) and 4 (row 1); the padding holds large garbage values.
+X = torch.tensor([[1.0, 2.0, 1000.0], [4.0, -500.0, 77.0]])
+M = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+# ---------------------------------------------------------------- masked statistics
+
+
+def test_masked_mean_ignores_padding():
+    close(masked_mean(X, M), 7 / 3)  # (1 + 2 + 4) / 3
+    close(masked_mean(X, M, dim=1), [1.5, 4.0])
+    close(masked_mean(X, M, dim=0), [2.5, 2.0, 0.0])  # an all-padding column gives 0, not NaN
+
+
+def test_masked_mean_of_nothing_is_zero_not_nan():
+    close(masked_mean(X, torch.zeros_like(M)), 0.0)
+
+
+def test_masked_var_by_hand():
+    # mean 7/3; squared deviations 16/9, 1/9, 25/9 -> sum 42/9 = 14/3
+    close(masked_var(X, M, unbiased=False), (14 / 3) / 3)
+    close(masked_var(X, M, unbiased=True), (14 / 3) / 2)
+
+
+def test_masked_whiten_real_tokens_and_zero_padding():
+    out = masked_whiten(X, M)
+    std = math.sqrt(7 / 3)  # unbiased variance from above
+    expected = [[(1 - 7 / 3) / std, (2 - 7 / 3) / std, 0.0], [(4 - 7 / 3) / std, 0.0, 0.0]]
+    close(out, expected, tol=1e-4)
+    assert (out[M == 0] == 0).all()
+    close(masked_mean(out, M), 0.0)
+    close(masked_var(out, M), 1.0, tol=1e-4)
+
+
+def test_masked_whiten_without_shifting_keeps_the_mean():
+    out = masked_whiten(X, M, shift_mean=False)
+    std = math.sqrt(7 / 3)
+    expected = [[(1 - 7 / 3) / std + 7 / 3, (2 - 7 / 3) / std + 7 / 3, 0.0], [(4 - 7 / 3) / std + 7 / 3, 0.0, 0.0]]
+    close(out, expected, tol=1e-4)
+
+
+# ---------------------------------------------------------------- log-probs and entropy
+
+
+def test_logprobs_from_logits_by_hand():
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]], [[-1.0, 0.5, 0.0], [2.0, 2.0, 2.0]]])
+    tokens = torch.tensor([[2, 0], [1, 1]])
+    expected = []
+    for b in range(2):
+        row = []
+        for t in range(2):
+            z = logits[b, t].tolist()
+            log_norm = math.log(sum(math.exp(v) for v in z))
+            row.append(z[tokens[b, t]] - log_norm)
+        expected.append(row)
+    out = logprobs_from_logits(logits, tokens)
+    close(out, expected)
+    assert out.dtype == torch.float32
+
+
+def test_logprobs_from_half_precision_logits_are_float32():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]], dtype=torch.bfloat16)
+    out = logprobs_from_logits(logits, torch.tensor([[1]]))
+    assert out.dtype == torch.float32
+    close(out, [[math.log(0.75)]], tol=1e-2)
+
+
+def test_entropy_uniform_is_log_vocab_and_two_class_by_hand():
+    close(entropy_from_logits(torch.full((2, 3, 7), 4.2)), torch.full((2, 3), math.log(7)))
+    # logits (0, log 3) -> p = (1/4, 3/4)
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    close(entropy_from_logits(torch.tensor([[0.0, math.log(3.0)]])), [h])
+    # a near-certain distribution has ~0 entropy
+    assert entropy_from_logits(torch.tensor([[0.0, 100.0]])).item() < 1e-6
+
+
+# ---------------------------------------------------------------- response mask
+
+
+def test_response_mask_up_to_and_including_first_eos():
+    eos, pad = 1, 0
+    tokens = torch.tensor(
+        [
+            [5, 1, 0, 0],  # EOS at 1, then padding
+            [5, 6, 7, 8],  # no EOS: all ones
+            [1, 0, 0, 0],  # EOS first
+            [5, 1, 7, 1],  # only the first EOS counts
+            [5, 0, 6, 1],  # a pad id before EOS is still a response token
+        ]
+    )
+    expected = [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    out = response_mask(tokens, eos, pad)
+    assert out.dtype == torch.float32
+    close(out, expected)
+
+
+def test_response_mask_multiple_eos_ids():
+    tokens = torch.tensor([[5, 2, 9, 1], [5, 9, 1, 2], [5, 6, 7, 8]])
+    close(response_mask(tokens, [1, 2], 0), [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    # with only id 1 as EOS, token 2 is an ordinary token
+    close(response_mask(tokens, [1], 0), [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
+
+
+def test_response_mask_pad_equal_to_eos():
+    # models whose pad token is their EOS: generate fills finished rows with EOS
+    close(response_mask(torch.tensor([[4, 1, 1, 1]]), 1, 1), [[1, 1, 0, 0]])
+
+
+# ---------------------------------------------------------------- KL-penalised rewards
+
+
+def test_kl_penalised_rewards_score_on_last_real_token():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, -9.0], [-0.3, -0.2, -7.0, -8.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -1.0], [-0.1, -0.7, -1.0, -2.0], [-2.0, -1.0, -1.0, -3.0]])
+    scores = torch.tensor([2.0, -1.0, 0.5])
+    beta = 0.1
+    rewards, kl = kl_penalised_rewards(scores, logprobs, ref, mask, beta)
+    # KL per token = log pi - log pi_ref on real tokens, 0 on padding
+    expected_kl = [[0.5, -1.0, 0.0, 0.0], [-0.2, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 2.0]]
+    close(kl, expected_kl)
+    expected_rewards = [
+        [-0.05, 0.1, 0.0 + 2.0, 0.0],  # score on column 2, the last real token
+        [0.02, -0.05 - 1.0, 0.0, 0.0],  # score on column 1
+        [-0.1, 0.0, 0.0, -0.2 + 0.5],  # full row: score on the last column
+    ]
+    close(rewards, expected_rewards)
+
+
+def test_kl_penalised_rewards_all_padding_row_gets_nothing():
+    mask = torch.tensor([[0.0, 0.0]])
+    rewards, kl = kl_penalised_rewards(torch.tensor([3.0]), torch.tensor([[-1.0, -2.0]]), torch.zeros(1, 2), mask, 0.2)
+    close(rewards, [[0.0, 0.0]])
+    close(kl, [[0.0, 0.0]])
+
+
+# ---------------------------------------------------------------- GAE
+
+
+def test_gae_three_tokens_by_hand_with_padding():
+    # Row 0: 3 real tokens, gamma=1, lam=0.95, then a padding column with garbage.
+    #   t=2: delta = 1.0 + 0 - 0.8 = 0.2                  A2 = 0.2
+    #   t=1: delta = -0.2 + 0.8 - 0.4 = 0.2               A1 = 0.2 + 0.95 * 0.2 = 0.39
+    #   t=0: delta = 0.1 + 0.4 - 0.5 = 0.0                A0 = 0.0 + 0.95 * 0.39 = 0.3705
+    #   returns = A + V = 0.8705, 0.79, 1.0
+    # Row 1: all padding -> zeros.
+    rewards = torch.tensor([[0.1, -0.2, 1.0, 5.0], [3.0, 3.0, 3.0, 3.0]])
+    values = torch.tensor([[0.5, 0.4, 0.8, 7.0], [1.0, 2.0, 3.0, 4.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    adv, ret = gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95)
+    close(adv, [[0.3705, 0.39, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    close(ret, [[0.8705, 0.79, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+
+
+def test_gae_with_discount_by_hand():
+    # gamma=0.9, lam=0.5, two tokens: r = (1, 2), V = (0.5, 1.0)
+    #   t=1: delta = 2 - 1.0 = 1.0                       A1 = 1.0
+    #   t=0: delta = 1 + 0.9 * 1.0 - 0.5 = 1.4           A0 = 1.4 + 0.45 * 1.0 = 1.85
+    adv, ret = gae_advantages(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 1.0]]), torch.ones(1, 2), 0.9, 0.5)
+    close(adv, [[1.85, 1.0]])
+    close(ret, [[2.35, 2.0]])
+
+
+def test_gae_gamma_lam_one_gives_reward_to_go():
+    rewards = torch.tensor([[0.3, -1.0, 0.7, 2.0, 9.0], [1.0, 1.0, 4.0, 4.0, 4.0]])
+    values = torch.tensor([[0.2, 0.1, -0.4, 1.5, 6.0], [0.5, -0.5, 8.0, 8.0, 8.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0, 0.0]])
+    adv, ret = gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0)
+    expected_ret, expected_adv = [], []
+    for b in range(2):
+        n = int(mask[b].sum())
+        r, v = rewards[b, :n].tolist(), values[b, :n].tolist()
+        to_go = [sum(r[t:]) for t in range(n)]
+        pad = [0.0] * (5 - n)
+        expected_ret.append(to_go + pad)
+        expected_adv.append([g - vt for g, vt in zip(to_go, v)] + pad)
+    close(ret, expected_ret)
+    close(adv, expected_adv)
+
+
+# ---------------------------------------------------------------- PPO losses
+
+
+def _ppo_case():
+    eps = 0.2
+    # ratios: 1.5, 1.0, 1.5, 0.5 on real tokens; the padding token has a huge log-ratio
+    old = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -3.0]])
+    logratio = torch.tensor([[math.log(1.5), 0.0, math.log(1.5), math.log(0.5), 4.0]])
+    logprobs = (old + logratio).requires_grad_(True)
+    advantages = torch.tensor([[1.0, 1.0, -2.0, -2.0, 100.0]])
+    old_values = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0]])
+    values = torch.tensor([[1.0, 0.1, -0.5, 0.0, 50.0]], requires_grad=True)
+    returns = torch.tensor([[1.0, 1.0, 1.0, 0.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    out = ppo_losses(logprobs, old, values, old_values, advantages, returns, mask, eps, 0.2, vf_coef=0.1)
+    return out, logprobs, values
+
+
+def test_ppo_policy_loss_and_clipping_by_hand():
+    out, logprobs, _ = _ppo_case()
+    # per-token max(-A * r, -A * clip(r, 0.8, 1.2)):
+    #   t0: A=+1, r=1.5: max(-1.5, -1.2) = -1.2  (clipped)
+    #   t1: A=+1, r=1.0: -1.0
+    #   t2: A=-2, r=1.5: max(3.0, 2.4) = 3.0     (unclipped: pessimistic side)
+    #   t3: A=-2, r=0.5: max(1.0, 1.6) = 1.6     (clipped)
+    close(out.policy_loss, (-1.2 - 1.0 + 3.0 + 1.6) / 4)
+    close(out.clip_fraction, 2 / 4)
+
+
+def test_ppo_clipped_tokens_get_zero_policy_gradient():
+    out, logprobs, _ = _ppo_case()
+    out.loss.backward()
+    # d/dlogp of -A * r = -A * r; clipped tokens (t0, t3) and padding (t4) get none.
+    #   t1: -1 * 1.0 / 4 = -0.25     t2: 2 * 1.5 / 4 = 0.75
+    close(logprobs.grad, [[0.0, -0.25, 0.75, 0.0, 0.0]])
+
+
+def test_ppo_value_loss_and_value_clipping_by_hand():
+    out, _, values = _ppo_case()
+    # cliprange_value 0.2, old values 0:
+    #   t0: v=1.0 -> clipped 0.2; max((1-1)^2, (0.2-1)^2) = 0.64   (clipped)
+    #   t1: v=0.1 inside the range;  (0.1-1)^2 = 0.81
+    #   t2: v=-0.5 -> clipped -0.2; max(2.25, 1.44) = 2.25
+    #   t3: v=0 = R: 0
+    value_loss = 0.5 * (0.64 + 0.81 + 2.25 + 0.0) / 4
+    close(out.value_loss, value_loss)
+    close(out.value_clip_fraction, 1 / 4)
+    approx_kl = ((0.5 - math.log(1.5)) * 2 + (-0.5 - math.log(0.5)) + 0.0) / 4
+    close(out.approx_kl, approx_kl)
+    close(out.loss, (-1.2 - 1.0 + 3.0 + 1.6) / 4 + 0.1 * value_loss)
+    out.loss.backward()
+    # d/dv of 0.1 * 0.5 * (v - R)^2 / 4 = 0.1 * (v - R) / 4 on unclipped tokens; t0 is clipped.
+    close(values.grad, [[0.0, 0.1 * -0.9 / 4, 0.1 * -1.5 / 4, 0.0, 0.0]])
+    for name in ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl"):
+        assert not getattr(out, name).requires_grad
+
+
+def test_ppo_equal_logprobs_give_zero_kl_and_no_clipping():
+    lp = torch.tensor([[-1.0, -2.0, -3.0]])
+    adv = torch.tensor([[0.5, -1.0, 2.0]])
+    v = torch.tensor([[0.1, 0.2, 0.3]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    out = ppo_losses(lp, lp.clone(), v, v.clone(), adv, v.clone(), mask, 0.2, 0.2, 0.5)
+    assert out.approx_kl.item() == 0.0
+    assert out.clip_fraction.item() == 0.0
+    assert out.value_clip_fraction.item() == 0.0
+    close(out.policy_loss, -(0.5 - 1.0) / 2)  # ratio 1: -mean(A) over real tokens
+    close(out.value_loss, 0.0)
+
+
+# ---------------------------------------------------------------- explained variance
+
+
+def test_explained_variance_by_hand():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    # residuals (0, 0, 1): unbiased var 1/3; var(returns) = 1 -> 1 - 1/3
+    assert explained_variance(torch.tensor([[1.0, 2.0, 2.0, -100.0]]), returns, mask) == pytest.approx(2 / 3, abs=1e-6)
+    assert explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(explained_variance(torch.zeros(1, 4), torch.tensor([[2.0, 2.0, 2.0, 9.0]]), mask))
+
+
+# ---------------------------------------------------------------- KL controllers
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(6.6, n_steps=256)  # error 6.6/6 - 1 = 0.1 -> * (1 + 0.1 * 256 / 10000)
+    assert ctl.value == pytest.approx(0.2 * 1.00256)
+    ctl.update(60.0, n_steps=256)  # error 9 clipped to +0.2
+    assert ctl.value == pytest.approx(0.2 * 1.00256 * 1.00512)
+    ctl.update(0.0, n_steps=1000)  # error -1 clipped to -0.2
+    assert ctl.value == pytest.approx(0.2 * 1.00256 * 1.00512 * 0.98)
+    ctl.update(6.0, n_steps=1000)  # on target: unchanged
+    assert ctl.value == pytest.approx(0.2 * 1.00256 * 1.00512 * 0.98)
+
+
+def test_adaptive_kl_controller_state_roundtrip():
+    ctl = AdaptiveKLController(0.2, 6.0, 100)
+    ctl.update(12.0, 10)
+    other = AdaptiveKLController(0.5, 6.0, 100)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == ctl.value == pytest.approx(0.2 * 1.02)
+
+
+def test_fixed_kl_controller_never_changes():
+    ctl = FixedKLController(0.3)
+    for kl, n in [(0.0, 10), (100.0, 1000), (-5.0, 1), (float("inf"), 3)]:
+        ctl.update(kl, n)
+        assert ctl.value == 0.3
+
+
+# ---------------------------------------------------------------- sampling logits
+
+
+def test_sampling_logits_temperature_and_min_new_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    before = logits.clone()
+    out = sampling_logits(logits, temperature=0.7, min_new_tokens=2, eos_token_ids=[1, 3])
+    assert torch.equal(logits, before)  # input not modified in place
+    for b in range(2):
+        for t in range(4):
+            for v in range(6):
+                if t < 2 and v in (1, 3):
+                    assert out[b, t, v].item() == float("-inf")
+                else:
+                    assert out[b, t, v].item() == pytest.approx(before[b, t, v].item() / 0.7, rel=1e-6)
+
+
+def test_sampling_logits_without_min_new_tokens_only_divides():
+    logits = torch.tensor([[[1.0, -2.0, 0.5]]])
+    before = logits.clone()
+    out = sampling_logits(logits, temperature=2.0, min_new_tokens=0, eos_token_ids=[0])
+    close(out, [[[0.5, -1.0, 0.25]]])
+    assert torch.equal(logits, before)
+    out = sampling_logits(logits, temperature=1.0, min_new_tokens=0, eos_token_ids=[0])
+    out.add_(1.0)
+    assert torch.equal(logits, before)  # the result does not alias the input
+
+
+def test_sampling_logits_from_bfloat16_are_float32():
+    logits = torch.tensor([[[1.0, 2.0]]], dtype=torch.bfloat16)
+    out = sampling_logits(logits, 0.5, 1, [1])
+    assert out.dtype == torch.float32
+    assert out[0, 0, 0].item() == 2.0 and out[0, 0, 1].item() == float("-inf")
+    assert logits[0, 0, 1].item() == 2.0

@@ -1,0 +1,326 @@
+"""Scorers: the classifier reward (by label name), the built-in offline scorers, user callables."""
+
+import locale
+import math
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from detoxrl.config import RewardConfig
+from detoxrl.errors import DetoxError
+from detoxrl.ppo.rollout import score
+from detoxrl.rewards import (
+    CallableScorer,
+    ClassifierScorer,
+    HateSonarScorer,
+    ProfanityScorer,
+    Scorer,
+    build_evaluator,
+    build_reward,
+    label_index,
+    log_odds,
+    reward_from_logits,
+)
+from tiny import save_tiny_classifier
+
+# Words from the tiny tokenizer's vocabulary, of different lengths so batches are padded.
+TEXTS = ["you stupid idiot", "thanks nice meeting about the price of a car", "damn", "good talk"]
+INSULT = "You are a stupid idiot, shut the hell up"
+NEUTRAL = "Thanks, the meeting is moved to Tuesday."
+
+
+@pytest.fixture(scope="module")
+def clf_path(tmp_path_factory):
+    return str(save_tiny_classifier(tmp_path_factory.mktemp("clf")))
+
+
+def reference_logits(path, texts):
+    """The classifier's logits, one unpadded text at a time, without the scorer."""
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        return torch.cat([model(**tok([t], return_tensors="pt")).logits for t in texts])
+
+
+# ---------------------------------------------------------------- classifier scorer
+
+
+def test_classifier_logit_prob_and_log_odds_rewards(clf_path):
+    ref = reference_logits(clf_path, TEXTS).double()
+    assert not torch.allclose(ref[:, 0], ref[:, 1])  # a random model: the two classes differ
+    p = [math.exp(a) / (math.exp(a) + math.exp(b)) for a, b in ref.tolist()]
+
+    # batch_size 3 over 4 texts: two chunks, with padding inside each
+    logit = ClassifierScorer(clf_path, label="nothate", transform="logit", batch_size=3)
+    np.testing.assert_allclose(logit.rewards(TEXTS), ref[:, 0].numpy(), atol=1e-5)
+
+    prob = ClassifierScorer(clf_path, label="nothate", transform="prob", batch_size=3)
+    np.testing.assert_allclose(prob.rewards(TEXTS), p, atol=1e-5)
+
+    lo = ClassifierScorer(clf_path, label="nothate", transform="log_odds", batch_size=3)
+    np.testing.assert_allclose(lo.rewards(TEXTS), [math.log(q / (1 - q)) for q in p], atol=1e-5)
+
+    np.testing.assert_allclose(logit.toxicity(TEXTS), [1 - q for q in p], atol=1e-5)
+    assert logit.rewards(TEXTS).dtype == np.float32
+
+
+def test_classifier_rewarding_the_other_label(clf_path):
+    ref = reference_logits(clf_path, TEXTS[:2])
+    hate = ClassifierScorer(clf_path, label="hate", transform="logit")
+    np.testing.assert_allclose(hate.rewards(TEXTS[:2]), ref[:, 1].numpy(), atol=1e-5)
+
+
+def test_classifier_empty_batch(clf_path):
+    scorer = ClassifierScorer(clf_path, label="nothate")
+    assert scorer.rewards([]).shape == (0,)
+    assert scorer.toxicity([]).shape == (0,)
+
+
+def test_label_lookup_is_by_name_and_case_insensitive(clf_path):
+    assert ClassifierScorer(clf_path, label="NotHate").index == 0
+    assert ClassifierScorer(clf_path, label="HATE").index == 1
+    # by name, not by position: a model whose non-toxic class is second
+    assert label_index({0: "toxic", 1: "Neutral"}, "neutral") == 1
+    assert label_index({0: "LABEL_0", 1: "LABEL_1"}, "label_1") == 1
+
+
+def test_missing_label_lists_the_model_labels(clf_path):
+    with pytest.raises(DetoxError, match=r"'neutral'.*nothate, hate"):
+        ClassifierScorer(clf_path, label="neutral")
+    with pytest.raises(DetoxError, match=r"toxic, non-toxic"):
+        label_index({0: "toxic", 1: "non-toxic"}, "nothate")
+
+
+def test_reward_from_logits_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    close = lambda a, b: np.testing.assert_allclose(a.numpy(), b, atol=1e-6)  # noqa: E731
+    close(reward_from_logits(logits, 0, "logit"), [2.0, 0.0])
+    z = [math.exp(2) + 1 + math.exp(-1), 3.0]
+    close(reward_from_logits(logits, 0, "prob"), [math.exp(2) / z[0], 1 / 3])
+    # log(p / (1 - p)) with p the class-0 probability
+    p = [math.exp(2) / z[0], 1 / 3]
+    close(reward_from_logits(logits, 0, "log_odds"), [math.log(q / (1 - q)) for q in p])
+    close(reward_from_logits(logits, 2, "log_odds"), [-1 - math.log(math.exp(2) + 1), math.log(0.5)])
+
+
+def test_recipe_index0_bug_regression(clf_path):
+    """The recipe rewarded the top class's logit; when 'hate' wins that is the hate logit."""
+    scorer = ClassifierScorer(clf_path, label="nothate", transform="logit")
+    with torch.no_grad():
+        scorer.model.classifier.out_proj.bias.copy_(torch.tensor([-5.0, 5.0]))
+    logits = scorer.logits(TEXTS)
+    assert (logits[:, 1] > logits[:, 0]).all()  # 'hate' wins every text
+
+    recipe = logits.max(dim=1).values  # pipeline output sorted by score, element [0]
+    index = label_index(scorer.model.config.id2label, "nothate")
+    fixed = reward_from_logits(logits, index, "logit")
+
+    assert index == 0
+    assert torch.equal(fixed, logits[:, 0])
+    assert torch.equal(recipe, logits[:, 1])
+    assert (fixed < recipe - 5).all()  # the recipe paid a high reward for hateful text
+    np.testing.assert_allclose(scorer.rewards(TEXTS), logits[:, 0].numpy(), atol=1e-6)
+
+
+# ---------------------------------------------------------------- built-in scorers
+
+
+@pytest.fixture(scope="module")
+def hatesonar():
+    return HateSonarScorer()
+
+
+@pytest.fixture(scope="module")
+def profanity():
+    return ProfanityScorer()
+
+
+@pytest.fixture(params=["hatesonar", "profanity"])
+def builtin(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_builtin_insult_is_more_toxic_than_neutral(builtin):
+    tox = builtin.toxicity([INSULT, NEUTRAL])
+    rew = builtin.rewards([INSULT, NEUTRAL])
+    assert tox.shape == rew.shape == (2,)
+    assert ((tox >= 0) & (tox <= 1)).all()
+    assert tox[0] > tox[1] + 0.3
+    assert rew[0] < rew[1]
+    assert rew[0] < 0 < rew[1]  # non-toxic probability below / above one half
+
+
+def test_builtin_rewards_are_log_odds_of_nontoxic(builtin):
+    texts = [INSULT, NEUTRAL, "the price of the car is good"]
+    p = 1.0 - builtin.toxicity(texts).astype(np.float64)
+    p = np.clip(p, 1e-6, 1 - 1e-6)  # a certain classifier gives a large but finite reward
+    np.testing.assert_allclose(builtin.rewards(texts), np.log(p / (1 - p)), rtol=1e-3, atol=1e-3)
+    assert np.isfinite(builtin.rewards(texts)).all()
+
+
+def test_builtin_empty_batch(builtin):
+    assert builtin.rewards([]).shape == (0,)
+    assert builtin.toxicity([]).shape == (0,)
+
+
+def test_log_odds_by_hand():
+    out = log_odds(np.array([0.5, 0.75, 0.2, 0.0, 1.0]))
+    eps = 1e-6
+    expected = [0.0, math.log(3), math.log(0.25), math.log(eps / (1 - eps)), math.log((1 - eps) / eps)]
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    assert out.dtype == np.float32
+
+
+def _locale_installed(name):
+    current = locale.setlocale(locale.LC_ALL)
+    try:
+        locale.setlocale(locale.LC_ALL, name)
+        return True
+    except locale.Error:
+        return False
+    finally:
+        locale.setlocale(locale.LC_ALL, current)
+
+
+def test_hatesonar_needs_no_en_us_locale(hatesonar):
+    assert hatesonar.toxicity(["hello there"]).shape == (1,)
+    if _locale_installed("en_US.UTF-8"):
+        pytest.skip("en_US.UTF-8 is installed here, so the stock graph would load too")
+    # the packaged graph, as shipped, cannot even be loaded without the locale
+    import onnxruntime as ort
+    from hatesonar.api import DEFAULT_MODEL_FILE
+
+    with pytest.raises(Exception, match="locale"):
+        ort.InferenceSession(str(DEFAULT_MODEL_FILE), providers=["CPUExecutionProvider"])
+
+
+def test_hatesonar_lowercases_text(hatesonar):
+    np.testing.assert_allclose(hatesonar.toxicity([INSULT.upper()]), hatesonar.toxicity([INSULT.lower()]), atol=1e-6)
+
+
+# ---------------------------------------------------------------- user callables
+
+MODULE_SOURCE = """
+def score(texts):
+    return [float(len(t)) for t in texts]
+
+def short(texts):
+    return [1.0]
+
+def matrix(texts):
+    return [[1.0, 2.0]] * len(texts)
+
+NOT_A_FUNCTION = 3
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A fresh module in tmp_path, importable only because it is the working directory."""
+    name = f"user_reward_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(MODULE_SOURCE)
+    (tmp_path / f"{name}_broken.py").write_text("import detoxrl_no_such_dependency\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    yield name
+    for mod in (name, f"{name}_broken"):
+        sys.modules.pop(mod, None)
+
+
+def test_callable_scorer_from_working_directory(user_module):
+    scorer = CallableScorer(f"{user_module}:score")
+    out = scorer.rewards(["ab", "abcde", ""])
+    np.testing.assert_array_equal(out, [2.0, 5.0, 0.0])
+    assert out.dtype == np.float32
+    assert scorer.name == f"{user_module}:score"
+
+
+@pytest.mark.parametrize("spec", ["mymod", "mymod:", ":score", ""])
+def test_callable_scorer_bad_spec(spec):
+    with pytest.raises(DetoxError, match="module:function"):
+        CallableScorer(spec)
+
+
+def test_callable_scorer_missing_module(user_module):
+    with pytest.raises(DetoxError, match="cannot import reward module 'detoxrl_missing_mod_xyz'"):
+        CallableScorer("detoxrl_missing_mod_xyz:score")
+    # an import error inside the user's module names the missing dependency
+    with pytest.raises(DetoxError, match="detoxrl_no_such_dependency"):
+        CallableScorer(f"{user_module}_broken:score")
+
+
+def test_callable_scorer_missing_function(user_module):
+    with pytest.raises(DetoxError, match=f"module '{user_module}' has no function 'nope'"):
+        CallableScorer(f"{user_module}:nope")
+    with pytest.raises(DetoxError, match="has no function 'NOT_A_FUNCTION'"):
+        CallableScorer(f"{user_module}:NOT_A_FUNCTION")
+
+
+def test_callable_scorer_wrong_output_length(user_module):
+    with pytest.raises(DetoxError, match="returned 1 values for 2 texts"):
+        CallableScorer(f"{user_module}:short").rewards(["a", "b"])
+    with pytest.raises(DetoxError, match="returned 6 values for 3 texts"):
+        CallableScorer(f"{user_module}:matrix").rewards(["a", "b", "c"])
+    # the length check is against the batch: one text, one value is fine
+    np.testing.assert_array_equal(CallableScorer(f"{user_module}:short").rewards(["x"]), [1.0])
+
+
+# ---------------------------------------------------------------- rollout.score
+
+
+class FixedScorer(Scorer):
+    name = "fixed"
+
+    def __init__(self, values):
+        self.values, self.seen = values, None
+
+    def rewards(self, texts):
+        self.seen = list(texts)
+        return np.array(self.values[: len(texts)])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_score_rejects_non_finite_rewards(bad):
+    with pytest.raises(DetoxError, match=r"NaN or infinite for 1 of 3 texts \(scorer fixed\)"):
+        score(FixedScorer([0.5, bad, 1.0]), ["q1", "q2", "q3"], ["r1", "r2", "r3"], score_query=False)
+
+
+def test_score_returns_tensor_and_joins_query_when_asked():
+    scorer = FixedScorer([0.5, -1.0])
+    out = score(scorer, ["q1", "q2"], ["r1", "r2"], score_query=False)
+    assert out.dtype == torch.float32 and out.tolist() == [0.5, -1.0]
+    assert scorer.seen == ["r1", "r2"]
+    score(scorer, ["q1", "q2"], ["r1", "r2"], score_query=True)
+    assert scorer.seen == ["q1 r1", "q2 r2"]
+
+
+# ---------------------------------------------------------------- factories
+
+
+def test_build_reward_picks_the_scorer(clf_path, user_module):
+    assert type(build_reward(RewardConfig(scorer="hatesonar"))) is HateSonarScorer
+    assert type(build_reward(RewardConfig(scorer="profanity-check"))) is ProfanityScorer
+
+    cal = build_reward(RewardConfig(scorer="callable", function=f"{user_module}:score"))
+    assert type(cal) is CallableScorer
+    assert cal.rewards(["abc"]).tolist() == [3.0]
+
+    clf = build_reward(RewardConfig(scorer="classifier", model=clf_path, label="HATE", transform="prob", batch_size=2))
+    assert type(clf) is ClassifierScorer
+    assert (clf.index, clf.transform, clf.batch_size) == (1, "prob", 2)
+
+
+def test_build_reward_callable_without_function():
+    with pytest.raises(DetoxError, match="module:function"):
+        build_reward(RewardConfig(scorer="callable"))
+
+
+def test_build_evaluator(clf_path, hatesonar):
+    assert type(build_evaluator("hatesonar")) is HateSonarScorer
+    ev = build_evaluator(clf_path, nontoxic_label="nothate")
+    assert type(ev) is ClassifierScorer
+    assert (ev.index, ev.transform) == (0, "prob")
