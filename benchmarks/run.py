@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -89,7 +90,7 @@ SIDES = {
     s.name: s
     for s in [
         Side("detoxrl", "detoxrl", "detoxrl_side.py", [], ("seq2seq", "causal"), ("seq2seq", "causal"),
-             "detoxrl PPOTrainer.step (batched generation, log-probs and values taken from generation)"),
+             "detoxrl load_policy + PPOTrainer.step(prompts)"),
         Side("trl-ppo-loop", "trl-0.11", "trl_ppo.py", ["--generation", "loop"], ("seq2seq", "causal"),
              ("seq2seq",), "TRL 0.11.4 PPOTrainer, one generate() per prompt (the recipe's loop), then step()"),
         Side("trl-ppo-batched", "trl-0.11", "trl_ppo.py", ["--generation", "batched"], ("seq2seq", "causal"),
@@ -110,6 +111,9 @@ class Run:
     rc: int | None = None
     wall_s: float | None = None
     loadavg_before: list[float] = field(default_factory=list)
+    # CPU time that other processes used while this run ran, as a share of the machine
+    # (all cores x wall time): a measure of how much the numbers are distorted.
+    foreign_cpu_share: float | None = None
     result: dict | None = None
     error: str | None = None
 
@@ -187,6 +191,21 @@ def ensure_model(python: Path, environment: str, setting_name: str, quick: bool,
 
 
 # --------------------------------------------------------------------------- running
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (Linux /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def side_env(threads: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(
@@ -227,6 +246,7 @@ def run_side(run: Run, python: Path, model: Path, args, env: dict) -> Run:
     if args.quick:
         cmd.append("--quick")
     run.loadavg_before = [round(x, 2) for x in os.getloadavg()]
+    busy0, own0 = busy_cpu_seconds(), children_cpu_seconds()
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(SIDES_DIR), timeout=args.timeout)
@@ -234,7 +254,12 @@ def run_side(run: Run, python: Path, model: Path, args, env: dict) -> Run:
         run.wall_s = time.perf_counter() - t
         run.error = f"timed out after {args.timeout} s"
         return run
-    run.wall_s = round(time.perf_counter() - t, 2)
+    wall = time.perf_counter() - t
+    run.wall_s = round(wall, 2)
+    busy1, own1 = busy_cpu_seconds(), children_cpu_seconds()
+    if busy0 is not None and busy1 is not None and wall > 0:
+        foreign = (busy1 - busy0) - (own1 - own0)
+        run.foreign_cpu_share = round(max(0.0, foreign) / (wall * (os.cpu_count() or 1)), 3)
     run.rc = proc.returncode
     run.result = parse_result(proc.stdout)
     if proc.returncode != 0 or run.result is None:
@@ -250,12 +275,16 @@ def summarise(runs: list[Run]) -> dict:
     for r in runs:
         if r.result is None:
             continue
-        rows = summary.setdefault(r.setting, {}).setdefault(r.side, {"results": []})
+        rows = summary.setdefault(r.setting, {}).setdefault(r.side, {"results": [], "foreign": []})
         rows["results"].append(r.result)
+        if r.foreign_cpu_share is not None:
+            rows["foreign"].append(r.foreign_cpu_share)
     for setting_name, sides in summary.items():
         for side_name, rows in sides.items():
             results = rows.pop("results")
+            foreign = rows.pop("foreign")
             rows["n"] = len(results)
+            rows["foreign_cpu_share_max"] = max(foreign) if foreign else None
             for key in PHASES + ["peak_rss_mb", "samples_per_s"]:
                 values = [x[key] for x in results if x.get(key) is not None]
                 rows[key] = round(common.median(values), 4) if values else None
@@ -270,6 +299,13 @@ def summarise(runs: list[Run]) -> dict:
             else:
                 rows["time_vs_detoxrl"] = rows["peak_rss_vs_detoxrl"] = None
     return summary
+
+
+BUSY_SHARE = 0.05
+
+
+def fmt_share(share: float | None) -> str:
+    return "?" if share is None else f"{share:.0%}"
 
 
 def fmt(value, width: int, digits: int = 2) -> str:
@@ -391,12 +427,17 @@ def main(argv=None) -> int:
                 print(f"[{len(runs)}/{total}] {st:<8} {side:<16} total {r['total_s']:.2f} s "
                       f"(generate {r['generation_s']:.2f}, ref {r['reference_s']:.2f}, "
                       f"optimise {r['optimisation_s']:.2f}), peak {r['peak_rss_mb']:.0f} MB, "
-                      f"load {run.loadavg_before[0]:.2f}", flush=True)
+                      f"other processes {fmt_share(run.foreign_cpu_share)} of the CPUs", flush=True)
             else:
                 print(f"[{len(runs)}/{total}] {st:<8} {side:<16} FAILED: {run.error}", flush=True)
 
     summary = summarise(runs)
     print_table(summary, args.quick)
+    busy = [r for r in runs if (r.foreign_cpu_share or 0) > BUSY_SHARE]
+    if busy:
+        worst = max(r.foreign_cpu_share for r in busy)
+        print(f"\nwarning: other processes used more than {BUSY_SHARE:.0%} of the CPUs during {len(busy)} of "
+              f"{len(runs)} runs (up to {worst:.0%}); those times are inflated. Rerun on an idle machine.")
     failed = [r for r in runs if r.result is None]
     document = {
         "started": started.isoformat(),

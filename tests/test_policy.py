@@ -56,7 +56,7 @@ def test_generation_logprobs_match_the_sampling_distribution(model, request):
     policy = load_policy(ModelConfig(name_or_path=str(request.getfixturevalue(model))))
     perturb_adapter(policy)
     settings = GenerationConfig(max_new_tokens=8, min_new_tokens=4, temperature=0.7)
-    rollout = generate(policy, policy.model, PROMPTS, settings, 64, policy.module.value_head)
+    rollout = generate(policy, policy.model, PROMPTS, settings, 64, [11, 12], policy.module.value_head)
     with torch.no_grad():
         out = policy.module(rollout.query_ids, rollout.query_mask, rollout.response_ids)
     logits = sampling_logits(out.logits, 0.7, 4, policy.eos_token_ids)

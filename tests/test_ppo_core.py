@@ -279,6 +279,21 @@ def test_ppo_equal_logprobs_give_zero_kl_and_no_clipping():
     close(out.value_loss, 0.0)
 
 
+def test_ppo_num_tokens_overrides_the_divisor():
+    # Same tokens as _ppo_case, but divided by 8 (e.g. the token count of the whole mini-batch
+    # over all processes) instead of this shard's 4 real tokens: sums / 8.
+    old = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -3.0]])
+    logprobs = old + torch.tensor([[math.log(1.5), 0.0, math.log(1.5), math.log(0.5), 4.0]])
+    adv = torch.tensor([[1.0, 1.0, -2.0, -2.0, 100.0]])
+    values = torch.tensor([[1.0, 0.1, -0.5, 0.0, 50.0]])
+    returns = torch.tensor([[1.0, 1.0, 1.0, 0.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    out = ppo_losses(logprobs, old, values, torch.zeros(1, 5), adv, returns, mask, 0.2, 0.2, 0.1, num_tokens=8.0)
+    close(out.policy_loss, (-1.2 - 1.0 + 3.0 + 1.6) / 8)
+    close(out.value_loss, 0.5 * (0.64 + 0.81 + 2.25) / 8)
+    close(out.loss, 2.4 / 8 + 0.1 * 0.5 * 3.7 / 8)
+
+
 # ---------------------------------------------------------------- explained variance
 
 

@@ -72,6 +72,10 @@ def test_classifier_rewarding_the_other_label(clf_path):
     ref = reference_logits(clf_path, TEXTS[:2])
     hate = ClassifierScorer(clf_path, label="hate", transform="logit")
     np.testing.assert_allclose(hate.rewards(TEXTS[:2]), ref[:, 1].numpy(), atol=1e-5)
+    p_hate = [math.exp(b) / (math.exp(a) + math.exp(b)) for a, b in ref.double().tolist()]
+    hate_prob = ClassifierScorer(clf_path, label="hate", transform="prob")
+    np.testing.assert_allclose(hate_prob.rewards(TEXTS[:2]), p_hate, atol=1e-5)
+    np.testing.assert_allclose(hate_prob.toxicity(TEXTS[:2]), [1 - q for q in p_hate], atol=1e-5)
 
 
 def test_classifier_empty_batch(clf_path):
@@ -101,6 +105,7 @@ def test_reward_from_logits_by_hand():
     close(reward_from_logits(logits, 0, "logit"), [2.0, 0.0])
     z = [math.exp(2) + 1 + math.exp(-1), 3.0]
     close(reward_from_logits(logits, 0, "prob"), [math.exp(2) / z[0], 1 / 3])
+    close(reward_from_logits(logits, 2, "prob"), [math.exp(-1) / z[0], 1 / 3])
     # log(p / (1 - p)) with p the class-0 probability
     p = [math.exp(2) / z[0], 1 / 3]
     close(reward_from_logits(logits, 0, "log_odds"), [math.log(q / (1 - q)) for q in p])

@@ -16,10 +16,12 @@ from ..config import Config, build_config
 from ..data import build_splits, load_rows
 from ..errors import DetoxError
 from ..policy import Policy, load_policy
-from ..ppo.rollout import generate, reference_logprobs
+from ..ppo.rollout import generate, reference_logprobs, sample_seeds
 from ..rewards import Scorer, build_evaluator, build_reward
 from .report import render_report
 from .stats import qualitative_table, quality_metrics, toxicity_summary, write_table_csv
+
+EVAL_STREAM = 1_000_003  # keeps evaluation samples apart from the training steps' seeds
 
 
 def sample_responses(
@@ -28,16 +30,18 @@ def sample_responses(
     """``samples`` responses per prompt (prompt-major order) and their KL to the reference, summed per response."""
     g, batch_size = config.generation, config.eval.batch_size
     expanded = [p for p in prompts for _ in range(samples)]
+    # The same seed for the i-th sample of both models: a paired comparison with common randomness.
+    seeds = sample_seeds(config.seed, EVAL_STREAM, count=len(expanded))
     texts, kls = [], []
     for start in tqdm(range(0, len(expanded), batch_size), desc=desc, unit="batch", leave=False):
         chunk = expanded[start : start + batch_size]
         if use_adapter:
-            rollout = generate(policy, policy.model, chunk, g, config.data.max_prompt_tokens)
+            rollout = generate(policy, policy.model, chunk, g, config.data.max_prompt_tokens, seeds[start : start + batch_size])
             ref = reference_logprobs(policy, rollout, g)
             kls.append(((rollout.logprobs - ref) * rollout.mask).sum(dim=1).cpu())
         else:
             with policy.reference_model() as reference:
-                rollout = generate(policy, reference, chunk, g, config.data.max_prompt_tokens)
+                rollout = generate(policy, reference, chunk, g, config.data.max_prompt_tokens, seeds[start : start + batch_size])
             kls.append(torch.zeros(len(chunk)))
         texts.extend(rollout.responses)
     return texts, torch.cat(kls).numpy()
@@ -61,9 +65,7 @@ def evaluate_policy(
         raise DetoxError("no prompts to evaluate")
     evaluators = {name: build_evaluator(name, e.nontoxic_label) for name in e.evaluators}
     k = e.samples_per_prompt
-    torch.manual_seed(config.seed + 1)
     before, _ = sample_responses(policy, prompts, config, k, use_adapter=False, desc="eval: reference")
-    torch.manual_seed(config.seed + 1)
     after, kl = sample_responses(policy, prompts, config, k, use_adapter=True, desc="eval: policy")
 
     scored: dict[str, dict] = {}

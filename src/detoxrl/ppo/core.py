@@ -115,18 +115,25 @@ def ppo_losses(
     cliprange: float,
     cliprange_value: float,
     vf_coef: float,
+    num_tokens: torch.Tensor | float | None = None,
 ) -> PPOLosses:
-    """Clipped surrogate policy loss + clipped value loss, averaged over real tokens."""
+    """Clipped surrogate policy loss + clipped value loss, averaged over real tokens.
+
+    ``num_tokens`` overrides the divisor: data-parallel training passes the mini-batch's token
+    count over all processes divided by their number, so that the averaged gradients equal
+    those of one process holding the whole mini-batch.
+    """
+    divisor = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    policy_loss = masked_mean(torch.max(pg_unclipped, pg_clipped), mask)
+    policy_loss = (torch.max(pg_unclipped, pg_clipped) * mask).sum() / divisor
 
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     vf_unclipped = (values - returns) ** 2
     vf_clipped = (values_clipped - returns) ** 2
-    value_loss = 0.5 * masked_mean(torch.max(vf_unclipped, vf_clipped), mask)
+    value_loss = 0.5 * (torch.max(vf_unclipped, vf_clipped) * mask).sum() / divisor
 
     return PPOLosses(
         loss=policy_loss + vf_coef * value_loss,

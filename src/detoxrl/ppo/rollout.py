@@ -1,7 +1,7 @@
 """Rollouts: batched sampling, scoring, and the reference pass.
 
 The log-probabilities and values of the sampled tokens are taken from generation itself
-(its processed scores and hidden states), so the policy needs no second forward pass.
+(the sampler's own record and the hidden states), so the policy needs no second forward pass.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import GenerationConfig as HFGenerationConfig
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..config import GenerationConfig
 from ..errors import DetoxError
@@ -49,16 +50,42 @@ class Rollout:
         return Rollout(**picked)
 
 
+def sample_seeds(*key: int, count: int) -> list[int]:
+    """One independent seed per sample, from (run seed, step, ...) and the sample's global index."""
+    return [int(np.random.SeedSequence([*key, index]).generate_state(1)[0]) for index in range(count)]
+
+
+class SeededSampler(LogitsProcessor):
+    """Exact sampling from softmax(scores / T) by the Gumbel-max trick, one RNG per sample.
+
+    Each sample's randomness depends only on its own seed, not on which batch or process it
+    lands in, so a run gives the same rollouts on 1 or N processes and after a resume. It also
+    records log pi(a_t) of the chosen tokens under the distribution that sampled them (after
+    the min_new_tokens ban and the temperature), so no second forward pass is needed.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        uniform = torch.stack(
+            [torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in self.generators]
+        ).clamp_(min=1e-20)
+        noisy = logp - torch.log(-torch.log(uniform))
+        self.logprobs.append(logp.gather(-1, noisy.argmax(dim=-1, keepdim=True)).squeeze(-1))
+        return noisy
+
+
 def hf_generation_config(config: GenerationConfig, policy: Policy, with_hidden_states: bool) -> HFGenerationConfig:
-    """Pure sampling from the model's distribution; nothing inherited from the model's defaults."""
+    """Greedy over Gumbel-perturbed log-probs (= pure sampling); nothing inherited from the model."""
     return HFGenerationConfig(
-        output_scores=True,
-        output_hidden_states=with_hidden_states,
+        do_sample=False,
+        num_beams=1,
         return_dict_in_generate=True,
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=config.temperature,
+        output_hidden_states=with_hidden_states,
         max_new_tokens=config.max_new_tokens,
         min_new_tokens=config.min_new_tokens,
         pad_token_id=policy.tokenizer.pad_token_id,
@@ -75,20 +102,21 @@ def generate(
     prompts: list[str],
     config: GenerationConfig,
     max_prompt_tokens: int,
+    seeds: list[int],
     value_head: ValueHead | None = None,
 ) -> Rollout:
     """Sample one response per prompt, in one batch, with the log-probs (and values) of each token."""
     device = next(model.parameters()).device
     query = policy.tokenize_prompts(prompts, max_prompt_tokens, device)
+    sampler = SeededSampler(seeds, config.temperature, device)
     out = model.generate(
         **query,
         generation_config=hf_generation_config(config, policy, value_head is not None),
+        logits_processor=LogitsProcessorList([sampler]),
     )
     start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
     response_ids = out.sequences[:, start:]
-    scores = torch.stack(out.scores, dim=1)  # processed: temperature, min_new_tokens
-    logprobs = logprobs_from_logits(scores, response_ids)
-    del scores
+    logprobs = torch.stack(sampler.logprobs, dim=1)
     values = None
     if value_head is not None:
         steps = out.decoder_hidden_states if policy.is_encoder_decoder else out.hidden_states

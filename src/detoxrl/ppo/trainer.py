@@ -35,7 +35,7 @@ from .core import (
     ppo_losses,
     sampling_logits,
 )
-from .rollout import Rollout, generate, reference_logprobs, score
+from .rollout import Rollout, generate, reference_logprobs, sample_seeds, score
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,12 @@ class PPOTrainer:
         timings = {}
         tick = time.perf_counter()
         unwrapped = self.accelerator.unwrap_model(self.module)
+        first = self.accelerator.process_index * self.local_batch
+        seeds = sample_seeds(self.config.seed, self.step_count, count=self.config.ppo.batch_size)
         with self.accelerator.autocast():
             batch = generate(
                 self.policy, unwrapped.model, prompts, self.config.generation, self.config.data.max_prompt_tokens,
-                unwrapped.value_head,
+                seeds[first : first + len(prompts)], unwrapped.value_head,
             )
         timings["time/generation"] = time.perf_counter() - tick
 
@@ -166,12 +168,15 @@ class PPOTrainer:
         eos = self.policy.eos_token_ids
         collected = []
         n = len(batch.responses)
-        for _ in range(p.ppo_epochs):
-            order = torch.randperm(n)
+        world = self.accelerator.num_processes
+        for epoch in range(p.ppo_epochs):
+            # Seeded by step and epoch, not by the RNG state, so a resumed run shuffles the same way.
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 7919 * self.step_count + epoch))
             for start in range(0, n, self.micro_batch):
                 index = order[start : start + self.micro_batch]
                 mb = batch.select(index)
                 T = mb.response_ids.shape[1]
+                num_tokens = self.global_mean(mb.mask.sum()) if world > 1 else None
                 with self.accelerator.accumulate(self.module), self.accelerator.autocast():
                     out = self.module(mb.query_ids, mb.query_mask, mb.response_ids)
                     logits = sampling_logits(out.logits, g.temperature, g.min_new_tokens, eos)
@@ -187,6 +192,7 @@ class PPOTrainer:
                         p.cliprange,
                         p.cliprange_value,
                         p.vf_coef,
+                        num_tokens,
                     )
                     self.accelerator.backward(losses.loss)
                     if self.accelerator.sync_gradients:

@@ -1,0 +1,42 @@
+"""Sampling: exact, reproducible per sample, independent of how samples are batched."""
+
+import torch
+
+from detoxrl.config import GenerationConfig, ModelConfig
+from detoxrl.policy import load_policy
+from detoxrl.ppo.rollout import SeededSampler, generate, sample_seeds
+
+
+def test_seeded_sampler_samples_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
+    temperature = 0.8
+    counts = torch.zeros(5)
+    for seed in range(4000):
+        sampler = SeededSampler([seed], temperature, torch.device("cpu"))
+        counts[sampler(None, logits).argmax()] += 1
+    expected = torch.softmax(logits / temperature, dim=-1)[0]
+    torch.testing.assert_close(counts / counts.sum(), expected, atol=0.025, rtol=0)
+    assert counts[4] == 0  # a banned token is never drawn
+    assert torch.allclose(sampler.logprobs[0], torch.log(expected[sampler(None, logits).argmax()]))
+
+
+def test_sample_seeds_are_distinct_and_stable():
+    seeds = sample_seeds(0, 5, count=8)
+    assert len(set(seeds)) == 8
+    assert seeds == sample_seeds(0, 5, count=8)
+    assert seeds[:4] == sample_seeds(0, 5, count=4)  # a sample's seed depends on its index only
+    assert seeds != sample_seeds(0, 6, count=8)
+
+
+def test_a_sample_does_not_depend_on_its_batch(tiny_llama, tiny_t5):
+    for path in (tiny_llama, tiny_t5):
+        policy = load_policy(ModelConfig(name_or_path=str(path)))
+        settings = GenerationConfig(max_new_tokens=6)
+        prompts = ["the person1 said thanks about work and the meeting", "school talk"]
+        both = generate(policy, policy.model, prompts, settings, 64, [101, 202])
+        alone = generate(policy, policy.model, prompts[1:], settings, 64, [202])
+        n = int(alone.mask.sum())
+        assert both.responses[1] == alone.responses[0]
+        torch.testing.assert_close(both.logprobs[1, :n], alone.logprobs[0, :n], atol=1e-5, rtol=1e-5)
+        other = generate(policy, policy.model, prompts[1:], settings, 64, [303])
+        assert other.response_ids.tolist() != alone.response_ids.tolist()
