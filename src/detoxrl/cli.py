@@ -80,8 +80,12 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from .train import train
 
-        preset = args.preset or (None if args.config else "smollm2-offline")
-        config = build_config(preset, args.config, collect_overrides(args))
+        overrides = collect_overrides(args)
+        config_file, preset = args.config, args.preset or (None if args.config else "smollm2-offline")
+        saved = Path(overrides.get("output_dir") or "") / "config.yaml"
+        if args.resume and not args.config and not args.preset and "output_dir" in overrides and saved.is_file():
+            config_file, preset = saved, None  # resume with the run's own settings
+        config = build_config(preset, config_file, overrides)
         out = train(config, resume=args.resume)
         print(f"done: adapter, metrics and report are in {out}")
     elif args.command == "evaluate":

@@ -139,7 +139,6 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
 
     trainer.train(on_step)
     bar.close()
-    accelerator.end_training()
     train_seconds = time.time() - started
 
     if main:
@@ -153,6 +152,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
             "steps": trainer.step_count,
             "train_seconds": round(train_seconds, 1),
             "num_processes": accelerator.num_processes,
+            "rank_param_max_diff": trainer.rank_divergence(),
         },
         "train": trainer.history[-1] if trainer.history else {},
     }
@@ -169,6 +169,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
         tmp.write_text(json.dumps(metrics, indent=2, default=float))
         os.replace(tmp, out / FINAL_FILE)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # flushes trackers; also ends the process group, so it comes last
     return out
 
 

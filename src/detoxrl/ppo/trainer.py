@@ -254,6 +254,15 @@ class PPOTrainer:
                 self.save_checkpoint()
         return self.history
 
+    def rank_divergence(self) -> float:
+        """Largest difference between any process's trainable parameters and rank 0's (0 when in sync)."""
+        module = self.accelerator.unwrap_model(self.module)
+        flat = torch.cat([p.detach().float().reshape(-1) for p in module.parameters() if p.requires_grad])
+        if self.accelerator.num_processes == 1:
+            return 0.0
+        gathered = self.accelerator.gather(flat.unsqueeze(0))
+        return float((gathered - gathered[0]).abs().max())
+
     def save_checkpoint(self) -> Path:
         return checkpoint.save(self, Path(self.config.output_dir) / "checkpoints", self.config.save_total_limit)
 
