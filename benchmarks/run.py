@@ -100,6 +100,7 @@ SIDES = {
     ]
 }
 REFERENCE_SIDE = "detoxrl"
+BUSY_SHARE = 0.05  # other processes above this share of the CPUs distort the timings
 PHASES = ["generation_s", "reward_s", "reference_s", "optimisation_s", "total_s"]
 
 
@@ -152,6 +153,19 @@ def ensure_environment(name: str, base_python: str, install: bool) -> Path:
     return python
 
 
+def source_state() -> dict[str, str | bool | None]:
+    """The commit of the working tree the detoxrl side runs (editable install) and whether src/ differs."""
+    def git(*a: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *a], capture_output=True, text=True, cwd=str(ROOT), timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "src", "pyproject.toml", "constraints.txt")
+    return {"commit": git("rev-parse", "HEAD"), "src_modified": bool(status) if status is not None else None}
+
+
 def environment_versions(python: Path) -> dict[str, str]:
     code = (
         "import importlib.metadata as m, json\n"
@@ -199,6 +213,31 @@ def busy_cpu_seconds() -> float | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_share(sample_s: float = 2.0) -> float | None:
+    """Share of all CPUs busy over the next ``sample_s`` seconds (this process is idle meanwhile)."""
+    b0 = busy_cpu_seconds()
+    time.sleep(sample_s)
+    b1 = busy_cpu_seconds()
+    if b0 is None or b1 is None:
+        return None
+    return (b1 - b0) / (sample_s * (os.cpu_count() or 1))
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = BUSY_SHARE) -> None:
+    """Wait (at most ``max_wait_s``) until other processes leave the CPUs nearly idle."""
+    if max_wait_s <= 0:
+        return
+    deadline = time.monotonic() + max_wait_s
+    share = busy_share()
+    if share is None or share <= threshold:
+        return
+    print(f"  waiting for the machine to go idle (CPUs {share:.0%} busy) ...", flush=True)
+    while share is not None and share > threshold and time.monotonic() < deadline:
+        share = busy_share(5.0)
+    if share is not None and share > threshold:
+        print(f"  still {share:.0%} busy after {max_wait_s:.0f} s; running anyway", flush=True)
 
 
 def children_cpu_seconds() -> float:
@@ -301,9 +340,6 @@ def summarise(runs: list[Run]) -> dict:
     return summary
 
 
-BUSY_SHARE = 0.05
-
-
 def fmt_share(share: float | None) -> str:
     return "?" if share is None else f"{share:.0%}"
 
@@ -362,6 +398,11 @@ def parse_args(argv=None):
                         help="timed iterations in each subprocess; their median is its result (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on every side (default 2)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds before a subprocess is stopped")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                        help="before each run, wait up to S seconds for other processes to leave the CPUs idle")
+    parser.add_argument("--retry-busy", type=int, default=0, metavar="N",
+                        help="measure a run again (up to N times) when other processes used more than "
+                             f"{BUSY_SHARE:.0%} of the CPUs during it")
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/<timestamp>.json)")
     parser.add_argument("--python", default=sys.executable, help="interpreter the environments are made from")
     parser.add_argument("--no-install", action="store_true", help="fail instead of creating/updating environments")
@@ -369,8 +410,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
-    if args.repeats < 1 or args.iterations < 1 or args.warmup < 0:
-        parser.error("--repeats and --iterations must be >= 1, --warmup >= 0")
+    if args.repeats < 1 or args.iterations < 1 or args.warmup < 0 or args.retry_busy < 0:
+        parser.error("--repeats and --iterations must be >= 1, --warmup and --retry-busy >= 0")
     return args
 
 
@@ -399,6 +440,7 @@ def main(argv=None) -> int:
         return 0
     pairs = plan(args)
     started = _dt.datetime.now(_dt.timezone.utc)
+    source = source_state()
     out = Path(args.out) if args.out else RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}{'-quick' if args.quick else ''}.json"
     if sys.version_info[:2] != (3, 11):
         print(f"warning: environments are made from Python {platform.python_version()}; "
@@ -416,11 +458,20 @@ def main(argv=None) -> int:
     runs: list[Run] = []
     total = args.repeats * len(pairs)
     print(f"{total} runs: {args.repeats} repeat(s) x [{', '.join(f'{st}/{sd}' for st, sd in pairs)}]", flush=True)
+    discarded: list[Run] = []
     for repeat in range(args.repeats):
         for st, side in pairs:
-            run = Run(repeat=repeat, setting=st, side=side)
             environment = SIDES[side].environment
-            run_side(run, pythons[environment], models[(environment, st)], args, env)
+            for attempt in range(1 + args.retry_busy):
+                wait_for_idle(args.wait_idle)
+                run = Run(repeat=repeat, setting=st, side=side)
+                run_side(run, pythons[environment], models[(environment, st)], args, env)
+                busy = run.result is not None and (run.foreign_cpu_share or 0) > BUSY_SHARE
+                if not busy or attempt == args.retry_busy:
+                    break
+                discarded.append(run)
+                print(f"  {st}/{side}: other processes used {fmt_share(run.foreign_cpu_share)} of the CPUs "
+                      f"(total {run.result['total_s']:.2f} s); measuring again", flush=True)
             runs.append(run)
             if run.result:
                 r = run.result
@@ -450,12 +501,14 @@ def main(argv=None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
+        "source": source,
         "settings": {st: asdict(common.setting(st, args.quick)) for st in sorted({st for st, _ in pairs})},
         "lora": common.LORA,
         "sides": {name: asdict(SIDES[name]) for name in sorted({sd for _, sd in pairs})},
         "environments": {name: {"pip_install": environment_args(name), "versions": environment_versions(py)}
                          for name, py in pythons.items()},
         "runs": [asdict(r) for r in runs],
+        "discarded_busy_runs": [asdict(r) for r in discarded],
         "summary": summary,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

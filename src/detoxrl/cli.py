@@ -87,7 +87,8 @@ def run(argv: list[str] | None = None) -> int:
             config_file, preset = saved, None  # resume with the run's own settings
         config = build_config(preset, config_file, overrides)
         out = train(config, resume=args.resume)
-        print(f"done: adapter, metrics and report are in {out}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"done: adapter, metrics and report are in {out}")
     elif args.command == "evaluate":
         from .evaluation.evaluate import evaluate_run
 

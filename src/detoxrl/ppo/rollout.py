@@ -104,8 +104,13 @@ def generate(
     max_prompt_tokens: int,
     seeds: list[int],
     value_head: ValueHead | None = None,
+    synced_gpus: bool = False,
 ) -> Rollout:
-    """Sample one response per prompt, in one batch, with the log-probs (and values) of each token."""
+    """Sample one response per prompt, in one batch, with the log-probs (and values) of each token.
+
+    ``synced_gpus`` keeps every process stepping until all are done, which sharded weights
+    (DeepSpeed ZeRO-3, FSDP) need because each forward pass gathers them collectively.
+    """
     device = next(model.parameters()).device
     query = policy.tokenize_prompts(prompts, max_prompt_tokens, device)
     sampler = SeededSampler(seeds, config.temperature, device)
@@ -113,6 +118,7 @@ def generate(
         **query,
         generation_config=hf_generation_config(config, policy, value_head is not None),
         logits_processor=LogitsProcessorList([sampler]),
+        synced_gpus=synced_gpus,
     )
     start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
     response_ids = out.sequences[:, start:]

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
 from ..config import Config
@@ -84,6 +85,10 @@ class PPOTrainer:
         )
         self.step_count = 0
         self.history: list[dict[str, float]] = []
+        plugin = self.accelerator.state.deepspeed_plugin
+        self.shards_weights = self.accelerator.distributed_type == DistributedType.FSDP or (
+            plugin is not None and plugin.zero_stage == 3
+        )
 
     # ----------------------------------------------------------------------------- data
     def batch_prompts(self, step: int) -> list[str]:
@@ -121,7 +126,7 @@ class PPOTrainer:
         with self.accelerator.autocast():
             batch = generate(
                 self.policy, unwrapped.model, prompts, self.config.generation, self.config.data.max_prompt_tokens,
-                seeds[first : first + len(prompts)], unwrapped.value_head,
+                seeds[first : first + len(prompts)], unwrapped.value_head, self.shards_weights,
             )
         timings["time/generation"] = time.perf_counter() - tick
 
