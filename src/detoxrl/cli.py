@@ -33,8 +33,15 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, str]:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other detoxrl error (subcommands inherit it)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"detoxrl: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="detoxrl", description="Detoxify language models with PPO + LoRA.")
+    parser = Parser(prog="detoxrl", description="Detoxify language models with PPO + LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a LoRA adapter with PPO, then evaluate it")
@@ -72,6 +79,8 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in ("datasets", "accelerate", "huggingface_hub", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # datasets logs a parse error before raising it; detoxrl reports it once, on its own line.
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -111,28 +120,40 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def report(message: str) -> None:
+    """Print ``message`` as one line on stderr, below any progress bar that is still open."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()  # ends the bar's line, so the message starts on a line of its own
+    except Exception:  # a progress bar must never hide the error
+        pass
+    print(" ".join(message.split()) if "\n" in message else message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
     except DetoxError as exc:
-        print(f"detoxrl: error: {exc}", file=sys.stderr)
+        report(f"detoxrl: error: {exc}")
         code = 2
     except KeyboardInterrupt:
-        print("detoxrl: interrupted; continue with --resume (checkpoints are kept)", file=sys.stderr)
+        report("detoxrl: interrupted; continue with --resume (checkpoints are kept)")
         code = 130
     except MemoryError:
-        print("detoxrl: error: out of memory; lower ppo.batch_size or generation.max_new_tokens", file=sys.stderr)
+        report("detoxrl: error: out of memory; lower ppo.batch_size or generation.max_new_tokens")
         code = 1
     except OSError as exc:
         if os.environ.get("DETOXRL_DEBUG"):
             raise
-        print(f"detoxrl: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        report(f"detoxrl: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         code = 1
     except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
         if os.environ.get("DETOXRL_DEBUG"):
             raise
-        print(f"detoxrl: error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(set DETOXRL_DEBUG=1 for the traceback)", file=sys.stderr)
+        report(f"detoxrl: error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+               "(set DETOXRL_DEBUG=1 for the traceback)")
         code = 1
     sys.exit(code)
 

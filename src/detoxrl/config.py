@@ -143,11 +143,31 @@ class Config:
             raise DetoxError(
                 f"ppo.batch_size ({p.batch_size}) must be divisible by ppo.mini_batch_size ({p.mini_batch_size})"
             )
-        if p.learning_rate <= 0:
+        if not p.learning_rate > 0:  # also refuses NaN
             raise DetoxError(f"ppo.learning_rate must be positive, got {p.learning_rate}")
-        if g.max_new_tokens < 1 or g.min_new_tokens < 0 or g.min_new_tokens > g.max_new_tokens:
-            raise DetoxError("generation needs 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1")
-        if g.temperature <= 0:
+        sizes = {
+            "generation.max_new_tokens": g.max_new_tokens,
+            "data.max_prompt_tokens": self.data.max_prompt_tokens,
+            "reward.batch_size": self.reward.batch_size,
+            "eval.batch_size": self.eval.batch_size,
+            "model.lora_r": self.model.lora_r,
+        }
+        if self.eval.max_prompts is not None:
+            sizes["eval.max_prompts"] = self.eval.max_prompts
+        if self.threads is not None:
+            sizes["threads"] = self.threads
+        for name, value in sizes.items():
+            if value < 1:
+                raise DetoxError(f"{name} must be at least 1, got {value}")
+        for name in ("save_steps", "save_total_limit"):
+            if getattr(self, name) < 0:
+                raise DetoxError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if g.min_new_tokens < 0 or g.min_new_tokens > g.max_new_tokens:
+            raise DetoxError(
+                f"generation.min_new_tokens must be between 0 and max_new_tokens ({g.max_new_tokens}), "
+                f"got {g.min_new_tokens}"
+            )
+        if not g.temperature > 0:
             raise DetoxError(f"generation.temperature must be positive, got {g.temperature}")
         if g.top_k != 0 or g.top_p != 1.0 or g.repetition_penalty != 1.0:
             raise DetoxError(
@@ -204,7 +224,7 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         raise DetoxError(f"{where} must be true or false, got {value!r}")
     if annotation in (int, float):
         if isinstance(value, bool):
-            raise DetoxError(f"{where} must be a number, got {value!r}")
+            raise DetoxError(f"{where} must be {'an integer' if annotation is int else 'a number'}, got {value!r}")
         try:
             number = annotation(value) if annotation is float else int(str(value))
         except (TypeError, ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +21,40 @@ def sample_dataset_path() -> Path:
     return Path(str(resources.files("detoxrl.assets").joinpath("heated_dialogsum.jsonl")))
 
 
+def check_text_file(path: Path, chunk_size: int = 1 << 20) -> None:
+    """Refuse an empty or non-UTF-8 text file up front (pyarrow would accept the bytes and fail later)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line, blank = 0, 1, True
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                start = offset - (len(exc.object) - len(chunk))  # file offset of exc.object[0]
+                line += chunk[: max(0, exc.start + start - offset)].count(b"\n")
+                raise DetoxError(
+                    f"dataset file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                    f"{start + exc.start}, line {line}); convert it to UTF-8"
+                ) from None
+            if not chunk:
+                break
+            blank = blank and not text.strip()
+            offset, line = offset + len(chunk), line + chunk.count(b"\n")
+    if blank:
+        raise DetoxError(f"dataset file {path} is empty")
+
+
+def first_message(exc: BaseException) -> str:
+    """The first informative line of an exception or of what caused it (datasets wraps the real error)."""
+    while exc is not None:
+        text = str(exc).strip()
+        if text and not text.startswith("An error occurred while generating the dataset"):
+            return text.splitlines()[0]
+        exc = exc.__cause__ or exc.__context__
+    return "unreadable"
+
+
 def load_rows(config: DataConfig) -> Dataset:
     name = config.dataset
     if name == SAMPLE_DATASET:
@@ -28,14 +63,30 @@ def load_rows(config: DataConfig) -> Dataset:
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise DetoxError(f"dataset file not found: {path}")
+        if LOCAL_FORMATS[path.suffix] != "parquet":
+            check_text_file(path)
+        elif path.stat().st_size == 0:
+            raise DetoxError(f"dataset file {path} is empty")
         try:
-            return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+            rows = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
         except UnicodeDecodeError:
             raise DetoxError(f"dataset file {path} is not UTF-8 text")
         except Exception as exc:  # datasets wraps parse errors in many types
-            raise DetoxError(f"cannot read dataset file {path}: {str(exc).strip().splitlines()[0]}") from exc
+            if "corresponds to no data" in str(exc):  # e.g. a CSV file with only a header
+                raise DetoxError(f"dataset file {path} holds no rows") from exc
+            raise DetoxError(f"cannot read dataset file {path}: {first_message(exc)}") from exc
+        if len(rows) == 0:
+            raise DetoxError(f"dataset file {path} holds no rows")
+        return rows
+    if path.is_dir():
+        raise DetoxError(f"dataset path {path} is a directory; give a .jsonl, .csv or .parquet file")
     if path.exists():
-        raise DetoxError(f"dataset file {path} has an unsupported format; use .jsonl, .csv or .parquet")
+        raise DetoxError(
+            f"dataset file {path} has an unsupported format ({path.suffix or 'no extension'}); "
+            "use .jsonl, .csv or .parquet"
+        )
+    if name.startswith((".", "/", "~")):  # a path, not a hub id
+        raise DetoxError(f"dataset file not found: {path}")
     try:
         return load_dataset(name, split=config.split)
     except Exception as exc:

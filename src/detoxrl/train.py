@@ -50,15 +50,22 @@ def make_accelerator(config: Config) -> Accelerator:
     )
 
 
-def prepare_output_dir(config: Config, resume: bool) -> bool:
-    """Refuse to overwrite a finished or foreign run; return True when we created the directory."""
+def prepare_output_dir(config: Config, resume: bool) -> tuple[bool, bool]:
+    """Refuse to overwrite a finished or foreign run.
+
+    Returns (created, was_empty): whether we created the directory, and whether it existed but was empty.
+    """
     out = Path(config.output_dir)
     if (out / FINAL_FILE).exists():
         raise DetoxError(f"{out} already holds a finished run; choose another --output_dir")
     if out.exists() and not out.is_dir():
         raise DetoxError(f"--output_dir {out} is a file, not a directory")
     created = not out.exists()
-    if not created and not resume and any(out.iterdir()):
+    try:
+        was_empty = not created and not any(out.iterdir())
+    except OSError as exc:
+        raise DetoxError(f"cannot read output directory {out}: {exc.strerror or exc}") from exc
+    if not created and not resume and not was_empty:
         raise DetoxError(f"{out} is not empty; pass --resume to continue its run or choose another --output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +74,7 @@ def prepare_output_dir(config: Config, resume: bool) -> bool:
         probe.unlink()
     except OSError as exc:
         raise DetoxError(f"cannot write to output directory {out}: {exc.strerror or exc}") from exc
-    return created
+    return created, was_empty
 
 
 def flat_hparams(config: Config) -> dict[str, float | str | bool]:
@@ -86,15 +93,32 @@ def train(config: Config, resume: bool = False) -> Path:
     config.validate()
     accelerator = make_accelerator(config)
     out = Path(config.output_dir)
-    created = prepare_output_dir(config, resume) if accelerator.is_main_process else False
+    created, was_empty = prepare_output_dir(config, resume) if accelerator.is_main_process else (False, False)
     accelerator.wait_for_everyone()
     try:
         return _train(config, accelerator, resume)
     except BaseException:
-        # Nothing the user made is lost: only remove a directory we created and that holds no checkpoint.
-        if created and not checkpoint.list_checkpoints(out / "checkpoints"):
-            shutil.rmtree(out, ignore_errors=True)
+        # Nothing the user made is lost: without a checkpoint or a saved adapter, remove only what this run wrote
+        # (the directory if we created it, its contents if it was empty), so the same command can be run again.
+        keep = checkpoint.list_checkpoints(out / "checkpoints") or (out / "adapter").is_dir()
+        if (created or was_empty) and not keep:  # a trained adapter or a checkpoint is never thrown away
+            remove_partial_run(out, keep_directory=not created)
         raise
+
+
+def remove_partial_run(out: Path, keep_directory: bool) -> None:
+    """Delete what a failed run wrote: the whole directory, or only its contents (best effort)."""
+    if not keep_directory:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    try:
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
@@ -137,12 +161,14 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
         if main:
             write_history(trainer.history, out / "history.jsonl")
 
-    trainer.train(on_step)
-    bar.close()
+    try:
+        trainer.train(on_step)
+    finally:
+        bar.close()  # also on errors, so that an error message starts on its own line
     train_seconds = time.time() - started
 
     if main:
-        policy.save_pretrained(out / "adapter")
+        save_adapter(policy, out / "adapter")
     accelerator.wait_for_everyone()
 
     metrics = {
@@ -166,11 +192,28 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     if main:
         # Written last, atomically: its presence marks a finished run.
         tmp = out / f".{FINAL_FILE}.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2, default=float))
-        os.replace(tmp, out / FINAL_FILE)
+        try:
+            tmp.write_text(json.dumps(metrics, indent=2, default=float))
+            os.replace(tmp, out / FINAL_FILE)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DetoxError(f"could not write {out / FINAL_FILE}: {exc.strerror or exc}") from exc
     accelerator.wait_for_everyone()
     accelerator.end_training()  # flushes trackers; also ends the process group, so it comes last
     return out
+
+
+def save_adapter(policy, target: Path) -> None:
+    """Write the adapter next to ``target`` and rename it into place: never a half-written adapter/."""
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        policy.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DetoxError(f"could not save the adapter to {target}: {exc.strerror or exc}") from exc
 
 
 def references(rows, config: Config) -> list[str] | None:

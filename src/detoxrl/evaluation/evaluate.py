@@ -140,6 +140,8 @@ def evaluate_run(
     config = build_config(config_file=run_dir / "config.yaml", overrides={k: v for k, v in overrides.items() if v is not None})
     if config.eval.samples_per_prompt < 1:
         raise DetoxError(f"samples_per_prompt must be at least 1, got {config.eval.samples_per_prompt}")
+    if config.eval.max_prompts is not None and config.eval.max_prompts < 1:
+        raise DetoxError(f"max_prompts must be at least 1, got {config.eval.max_prompts}")
 
     if dataset:
         config.data.dataset = dataset

@@ -76,10 +76,21 @@ def trainable_state(trainer: "PPOTrainer") -> dict[str, torch.Tensor]:
 
 def save(trainer: "PPOTrainer", root: Path, keep: int) -> Path:
     """Write ``root/step-N`` atomically (every rank its RNG; rank 0 the rest); keep the last ``keep``."""
-    acc = trainer.accelerator
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"{PREFIX}{trainer.step_count:07d}"
     staging = root / f".tmp-{PREFIX}{trainer.step_count:07d}"
+    try:
+        return _save(trainer, root, keep, target, staging)
+    except OSError as exc:  # e.g. disk full: drop the partial copy, keep the earlier checkpoints
+        if trainer.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise DetoxError(
+            f"could not write checkpoint {target}: {exc.strerror or exc} (earlier checkpoints are kept)"
+        ) from exc
+
+
+def _save(trainer: "PPOTrainer", root: Path, keep: int, target: Path, staging: Path) -> Path:
+    acc = trainer.accelerator
+    root.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -288,4 +289,7 @@ def finite_or_none(value: float) -> float | None:
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
-    path.write_text("".join(json.dumps({k: finite_or_none(v) for k, v in row.items()}) + "\n" for row in history))
+    """Rewrite the per-step log through a temporary file, so a full disk never truncates it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps({k: finite_or_none(v) for k, v in row.items()}) + "\n" for row in history))
+    os.replace(tmp, path)

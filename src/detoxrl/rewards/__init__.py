@@ -30,4 +30,4 @@ def build_evaluator(spec: str, nontoxic_label: str = "nothate", device: str = "c
     """A held-out evaluator by name: a built-in scorer, or any classifier id/path."""
     if spec in BUILTIN:
         return BUILTIN[spec]()
-    return ClassifierScorer(spec, nontoxic_label, "prob", device=device)
+    return ClassifierScorer(spec, nontoxic_label, "prob", device=device, what="evaluator")

@@ -11,13 +11,13 @@ from ..hub import load_pretrained
 from .base import Scorer
 
 
-def label_index(id2label: dict[int, str], label: str) -> int:
+def label_index(id2label: dict[int, str], label: str, what: str = "reward classifier") -> int:
     """Index of ``label`` (case-insensitive); a clear error lists the labels the model has."""
     for index, name in id2label.items():
         if name.lower() == label.lower():
             return int(index)
     names = ", ".join(str(n) for n in id2label.values())
-    raise DetoxError(f"label {label!r} is not a class of the reward classifier; its labels are: {names}")
+    raise DetoxError(f"label {label!r} is not a class of the {what}; its labels are: {names}")
 
 
 def reward_from_logits(logits: torch.Tensor, index: int, transform: str) -> torch.Tensor:
@@ -44,18 +44,19 @@ class ClassifierScorer(Scorer):
         batch_size: int = 32,
         device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
+        what: str = "reward classifier",
     ):
         self.name = model
         self.tokenizer = load_pretrained(
-            AutoTokenizer.from_pretrained, model, "reward classifier tokenizer", trust_remote_code=trust_remote_code
+            AutoTokenizer.from_pretrained, model, f"{what} tokenizer", trust_remote_code=trust_remote_code
         )
         self.model = load_pretrained(
             AutoModelForSequenceClassification.from_pretrained,
             model,
-            "reward classifier",
+            what,
             trust_remote_code=trust_remote_code,
         ).to(device).eval()
-        self.index = label_index(self.model.config.id2label, label)
+        self.index = label_index(self.model.config.id2label, label, what)
         self.transform, self.batch_size, self.device = transform, batch_size, device
 
     @torch.inference_mode()

@@ -29,7 +29,13 @@ class CallableScorer(Scorer):
         self.name = spec
 
     def rewards(self, texts: list[str]) -> np.ndarray:
-        values = np.asarray(self.function(list(texts)), dtype=np.float32).reshape(-1)
+        result = self.function(list(texts))
+        try:
+            values = np.asarray(result, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise DetoxError(
+                f"reward function {self.name!r} must return one number per text, got {str(result)[:80]}"
+            ) from None
         if len(values) != len(texts):
             raise DetoxError(f"reward function {self.name!r} returned {len(values)} values for {len(texts)} texts")
         return values

@@ -1,0 +1,574 @@
+"""Bad input and faults: every case runs the real command line and ends with one clear line.
+
+Each test checks the same contract (see ``assert_one_error``): a non-zero exit, exactly one line on
+stderr that starts with ``detoxrl: error:`` (or the interrupt line), naming the problem, no traceback,
+and no output directory left looking finished: no metrics.json; a directory that detoxrl created is
+removed when it holds no checkpoint; a directory the user made is never deleted.
+
+docs/reliability.md lists the cases, the message of each and the test that checks it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detoxrl.cli import main
+from detoxrl.config import build_config
+from detoxrl.train import train
+
+PREFIX = "detoxrl: error: "
+INTERRUPTED = "detoxrl: interrupted; continue with --resume"
+# The PPO progress bar and logged warnings share stderr with the error; they are not error output.
+NOT_ERRORS = re.compile(r"^\s*PPO:|^(INFO|WARNING) [\w.]+: ")
+
+
+def settings(tmp_path: Path, model: Path, classifier: Path, **dotted) -> dict:
+    """A run that takes a second on tiny models; ``dotted`` overrides, e.g. ``**{"ppo.steps": 0}``."""
+    config = {
+        "model": {"name_or_path": str(model), "lora_r": 4},
+        "reward": {"scorer": "classifier", "model": str(classifier), "label": "nothate", "transform": "logit"},
+        "data": {"dataset": "detoxrl:heated_dialogsum", "max_prompt_tokens": 32},
+        "generation": {"max_new_tokens": 3},
+        "ppo": {"steps": 1, "batch_size": 2, "mini_batch_size": 2},
+        "eval": {"enabled": False},
+        "report_to": [],
+        "device": "cpu",
+        "threads": 1,  # tiny matrices: a second thread only waits, and on busy cores it waits long
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in dotted.items():
+        *sections, leaf = key.split(".")
+        node = config
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return config
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def assert_one_error(code, err: str, *messages: str, prefix: str = PREFIX, exit_code: int | None = None) -> str:
+    """Non-zero exit; one line (besides progress and warnings) that starts with ``prefix`` and holds ``messages``."""
+    assert code != 0
+    if exit_code is not None:
+        assert code == exit_code
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip() and not NOT_ERRORS.match(line)]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(prefix), lines[0]
+    for message in messages:
+        assert message in lines[0], lines[0]
+    return lines[0]
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` with its bytes, to show that nothing was touched."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def train_and_expect(tmp_path, capsys, config: dict, *messages: str, args=()) -> str:
+    """``detoxrl train --config`` must fail with one line; the run directory it created must be gone."""
+    path = write_yaml(tmp_path / "config.yaml", config)
+    code, _, err = run_cli(["train", "--config", path, *args], capsys)
+    line = assert_one_error(code, err, *messages)
+    assert not Path(config["output_dir"]).exists()  # created by detoxrl, no checkpoint: removed
+    return line
+
+
+def offline(monkeypatch) -> None:
+    """HF_HUB_OFFLINE=1, also for libraries that read it at import time."""
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Runs set torch's thread count for the whole process; give the next test the old one back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_t5, tiny_classifier) -> Path:
+    """A finished 2-step run with a checkpoint at step 1 (shared; tests copy it before changing it)."""
+    root = tmp_path_factory.mktemp("finished")
+    config = settings(root, tiny_t5, tiny_classifier, **{"ppo.steps": 2, "save_steps": 1})
+    out = train(build_config(None, write_yaml(root / "config.yaml", config)))
+    assert (out / "metrics.json").is_file() and (out / "checkpoints" / "step-0000001" / "state.json").is_file()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ppo: [unclosed\n", "is not valid YAML (line"),
+        ("- ppo\n- steps\n", "must hold a mapping of settings"),
+        ("outptu_dir: runs/a\n", "unknown config key 'outptu_dir'"),
+        ("ppo:\n  stepz: 3\n", "unknown config key 'ppo.stepz'"),
+        ("ppo: 3\n", "ppo must be a mapping, got 3"),
+        ("ppo:\n  steps: many\n", "ppo.steps must be an integer, got 'many'"),
+        ("ppo:\n  learning_rate: [0.1, 0.2]\n", "ppo.learning_rate must be a number, got [0.1, 0.2]"),
+        ("ppo:\n  batch_size: true\n", "ppo.batch_size must be an integer, got True"),
+        ("eval:\n  enabled: maybe\n", "eval.enabled must be true or false, got 'maybe'"),
+    ],
+    ids=["malformed-yaml", "yaml-list", "unknown-top-key", "unknown-nested-key", "section-not-mapping",
+         "string-for-int", "list-for-float", "bool-for-int", "string-for-bool"],
+)
+def test_bad_config_file(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, _, err = run_cli(["train", "--config", path, "--output_dir", tmp_path / "run"], capsys)
+    assert_one_error(code, err, message, exit_code=2)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("ppo.steps", 0, "ppo.steps must be at least 1, got 0"),
+        ("ppo.batch_size", -1, "ppo.batch_size must be at least 1, got -1"),
+        ("ppo.mini_batch_size", 0, "ppo.mini_batch_size must be at least 1, got 0"),
+        ("generation.max_new_tokens", 0, "generation.max_new_tokens must be at least 1, got 0"),
+        ("data.max_prompt_tokens", 0, "data.max_prompt_tokens must be at least 1, got 0"),
+        ("reward.batch_size", 0, "reward.batch_size must be at least 1, got 0"),
+        ("save_steps", -5, "save_steps must be 0 or more, got -5"),
+        ("ppo.learning_rate", float("nan"), "ppo.learning_rate must be positive, got nan"),
+    ],
+    ids=["steps-0", "batch_size-negative", "mini_batch_size-0", "max_new_tokens-0", "max_prompt_tokens-0",
+         "reward_batch_size-0", "save_steps-negative", "learning_rate-nan"],
+)
+def test_sizes_out_of_range(tmp_path, tiny_t5, tiny_classifier, capsys, key, value, message):
+    train_and_expect(tmp_path, capsys, settings(tmp_path, tiny_t5, tiny_classifier, **{key: value}), message)
+
+
+def test_batch_not_divisible_by_mini_batch(tmp_path, tiny_t5, tiny_classifier, capsys):
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"ppo.batch_size": 6, "ppo.mini_batch_size": 4})
+    train_and_expect(tmp_path, capsys, config, "ppo.batch_size (6) must be divisible by ppo.mini_batch_size (4)")
+
+
+@pytest.mark.parametrize("key, value", [("generation.top_k", 50), ("generation.top_p", 0.9)], ids=["top_k", "top_p"])
+def test_truncated_sampling_is_refused_with_the_reason(tmp_path, tiny_t5, tiny_classifier, capsys, key, value):
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{key: value})
+    train_and_expect(tmp_path, capsys, config, "top_k/top_p/repetition_penalty must stay 0/1.0/1.0",
+                     "truncating it gives negative KL and wrong ratios")
+
+
+def test_config_file_missing(tmp_path, capsys):
+    code, _, err = run_cli(["train", "--config", tmp_path / "nope.yaml"], capsys)
+    assert_one_error(code, err, f"config file not found: {tmp_path / 'nope.yaml'}")
+
+
+def test_config_file_not_utf8(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("data:\n  prompt_template: 'Résumé: {text}'\n".encode("latin-1"))
+    code, _, err = run_cli(["train", "--config", path], capsys)
+    assert_one_error(code, err, f"config file is not UTF-8 text: {path}")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--ppo.stepz", "3"], "unrecognized arguments: --ppo.stepz 3"),
+        (["train", "--ppo.batch_size", "many"], "ppo.batch_size must be an integer, got 'many'"),
+        (["evaluate", "somewhere", "--samples_per_prompt", "two"], "argument --samples_per_prompt: invalid int value"),
+    ],
+    ids=["unknown-flag", "flag-wrong-type", "evaluate-flag-wrong-type"],
+)
+def test_bad_command_line(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(args, capsys)
+    assert_one_error(code, err, message, exit_code=2)
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def test_dataset_not_utf8(tmp_path, tiny_t5, tiny_classifier, capsys):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(('{"dialogue": "' + "Caf\u00e9 talk. " * 30 + '"}\n').encode("latin-1"))
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(data)})
+    train_and_expect(tmp_path, capsys, config, f"dataset file {data} is not UTF-8 text", "line 1")
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.csv", "\n \n")], ids=["jsonl", "csv"])
+def test_dataset_empty(tmp_path, tiny_t5, tiny_classifier, capsys, name, content):
+    data = tmp_path / name
+    data.write_text(content)
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(data)})
+    train_and_expect(tmp_path, capsys, config, f"dataset file {data} is empty")
+
+
+def test_dataset_not_parseable(tmp_path, tiny_t5, tiny_classifier, capsys):
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"dialogue": "unterminated\n')
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(data)})
+    train_and_expect(tmp_path, capsys, config, f"cannot read dataset file {data}: JSON parse error")
+
+
+def test_dataset_without_text_column(tmp_path, tiny_t5, tiny_classifier, capsys):
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.text_column": "conversation"})
+    train_and_expect(tmp_path, capsys, config, "dataset has no column 'conversation' (data.text_column); "
+                     "its columns are: id, dialogue, summary")
+
+
+def test_nothing_left_after_length_filter(tmp_path, tiny_t5, tiny_classifier, capsys):
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.min_chars": 5000, "data.max_chars": 6000})
+    train_and_expect(tmp_path, capsys, config, "only 0 rows are left after keeping texts with 5000 < length <= 6000")
+
+
+def test_dataset_unsupported_extension(tmp_path, tiny_t5, tiny_classifier, capsys):
+    data = tmp_path / "dialogues.txt"
+    data.write_text("Person1: hello\n")
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(data)})
+    train_and_expect(tmp_path, capsys, config, f"dataset file {data} has an unsupported format (.txt); "
+                     "use .jsonl, .csv or .parquet")
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "missing"], ids=["jsonl", "no-extension"])
+def test_dataset_path_does_not_exist(tmp_path, tiny_t5, tiny_classifier, capsys, name):
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(tmp_path / name)})
+    train_and_expect(tmp_path, capsys, config, f"dataset file not found: {tmp_path / name}")
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def test_model_path_does_not_exist(tmp_path, tiny_classifier, capsys):
+    config = settings(tmp_path, tmp_path / "no-model", tiny_classifier)
+    train_and_expect(tmp_path, capsys, config, f"model not found: {tmp_path / 'no-model'} does not exist")
+
+
+def test_model_directory_without_a_model(tmp_path, tiny_classifier, capsys):
+    (tmp_path / "empty").mkdir()
+    config = settings(tmp_path, tmp_path / "empty", tiny_classifier)
+    train_and_expect(tmp_path, capsys, config, f"could not load model from {tmp_path / 'empty'}: "
+                     "the directory holds no model (no config.json)")
+
+
+def test_unknown_hub_model_while_offline(tmp_path, tiny_classifier, capsys, monkeypatch):
+    offline(monkeypatch)
+    config = settings(tmp_path, "nobody/no-such-model-xyz", tiny_classifier)
+    line = train_and_expect(tmp_path, capsys, config, "could not load model 'nobody/no-such-model-xyz'",
+                            "the model hub is unreachable")
+    assert "use a local path" in line and "--preset smollm2-offline" in line
+
+
+def test_label_not_in_classifier(tmp_path, tiny_t5, tiny_classifier, capsys):
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"reward.label": "friendly"})
+    train_and_expect(tmp_path, capsys, config, "label 'friendly' is not a class of the reward classifier; "
+                     "its labels are: nothate, hate")
+
+
+# ----------------------------------------------------------------------------------------------- reward functions
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("return [float('nan')] * len(texts)", "the reward is NaN or infinite for 2 of 2 texts (scorer rfn:score)"),
+        ("return [1.0]", "reward function 'rfn:score' returned 1 values for 2 texts"),
+        ("return ['good'] * len(texts)", "reward function 'rfn:score' must return one number per text"),
+    ],
+    ids=["nan", "wrong-count", "not-numbers"],
+)
+def test_bad_reward_function(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch, body, message):
+    (tmp_path / "rfn.py").write_text(f"def score(texts):\n    {body}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "rfn", raising=False)
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"reward.scorer": "callable", "reward.function": "rfn:score"})
+    train_and_expect(tmp_path, capsys, config, message)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("reward-wrong-count", "reward function 'short:score' returned 3 values for 2 texts"),
+        ("dataset-not-parseable", "cannot read dataset file broken.jsonl: JSON parse error"),
+    ],
+    ids=["reward-wrong-count", "dataset-not-parseable"],
+)
+def test_bad_input_in_a_real_process(tmp_path, tiny_t5, tiny_classifier, case, message):
+    """The real entry point: library logging (which a test process captures) must not add lines either."""
+    (tmp_path / "short.py").write_text("def score(texts):\n    return [0.5] * (len(texts) + 1)\n")
+    (tmp_path / "broken.jsonl").write_text('{"dialogue": "unterminated\n')
+    extra = ({"reward.scorer": "callable", "reward.function": "short:score"} if case == "reward-wrong-count"
+             else {"data.dataset": "broken.jsonl"})
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **extra)
+    path = write_yaml(tmp_path / "config.yaml", config)
+    done = subprocess.run([sys.executable, "-m", "detoxrl.cli", "train", "--config", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert_one_error(done.returncode, done.stderr, message, exit_code=2)
+    assert done.stdout == ""
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------- output directory
+
+
+def test_output_dir_under_a_file(tmp_path, tiny_t5, tiny_classifier, capsys):
+    """Not writable: a path below a regular file (chmod does not stop root, this does)."""
+    (tmp_path / "afile").write_text("mine\n")
+    config = settings(tmp_path, tiny_t5, tiny_classifier, output_dir=str(tmp_path / "afile" / "run"))
+    train_and_expect(tmp_path, capsys, config, f"cannot write to output directory {tmp_path / 'afile' / 'run'}: "
+                     "Not a directory")
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+def test_output_dir_read_only(tmp_path, tiny_t5, tiny_classifier, capsys):
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        try:
+            (parent / "probe").mkdir()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("running as root: chmod 0o500 does not stop writes (test_output_dir_under_a_file covers it)")
+        config = settings(tmp_path, tiny_t5, tiny_classifier, output_dir=str(parent / "run"))
+        train_and_expect(tmp_path, capsys, config, f"cannot write to output directory {parent / 'run'}: "
+                         "Permission denied")
+    finally:
+        parent.chmod(0o700)
+
+
+def test_output_dir_is_a_file(tmp_path, tiny_t5, tiny_classifier, capsys):
+    target = tmp_path / "run"
+    target.write_text("not a directory\n")
+    path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier))
+    code, _, err = run_cli(["train", "--config", path], capsys)
+    assert_one_error(code, err, f"--output_dir {target} is a file, not a directory")
+    assert target.read_text() == "not a directory\n"
+
+
+def test_output_dir_not_empty_without_resume(tmp_path, tiny_t5, tiny_classifier, capsys):
+    out = tmp_path / "run"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "todo.txt").write_text("keep me\n")
+    (out / "results.csv").write_text("a,b\n1,2\n")
+    before = tree(out)
+    path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier))
+    code, _, err = run_cli(["train", "--config", path], capsys)
+    assert_one_error(code, err, f"{out} is not empty; pass --resume to continue its run")
+    assert tree(out) == before
+
+
+def test_users_empty_directory_is_kept_after_a_failure(tmp_path, tiny_t5, tiny_classifier, capsys):
+    """A directory the user made survives, emptied of what the failed run wrote, so a rerun is not refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.text_column": "conversation"})
+    path = write_yaml(tmp_path / "config.yaml", config)
+    code, _, err = run_cli(["train", "--config", path], capsys)
+    assert_one_error(code, err, "dataset has no column 'conversation'")
+    assert out.is_dir() and not list(out.iterdir())
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["plain", "with-resume"])
+def test_finished_run_is_never_overwritten(tmp_path, capsys, finished_run, resume):
+    before = tree(finished_run)
+    args = ["train", "--config", finished_run / "config.yaml", "--output_dir", finished_run] + (["--resume"] if resume else [])
+    code, _, err = run_cli(args, capsys)
+    assert_one_error(code, err, f"{finished_run} already holds a finished run; choose another --output_dir")
+    assert tree(finished_run) == before
+
+
+def test_resume_with_corrupt_checkpoint(tmp_path, capsys, finished_run):
+    run = tmp_path / "crashed"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.json").unlink()  # as if it died after its checkpoint
+    (run / "checkpoints" / "step-0000001" / "trainable.safetensors").write_bytes(b"\x00garbage")
+    code, _, err = run_cli(["train", "--output_dir", run, "--resume"], capsys)
+    assert_one_error(code, err, f"checkpoint {run / 'checkpoints' / 'step-0000001'} is corrupt or incomplete",
+                     "delete it to resume from an earlier one")
+    assert (run / "checkpoints" / "step-0000001" / "state.json").is_file()  # kept for the user to inspect
+    assert not (run / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- evaluate, compare
+
+
+def test_evaluate_without_adapter(tmp_path, capsys, finished_run):
+    run = tmp_path / "died-before-saving"
+    run.mkdir()
+    shutil.copy(finished_run / "config.yaml", run / "config.yaml")
+    code, _, err = run_cli(["evaluate", run], capsys)
+    assert_one_error(code, err, f"{run} has no trained adapter (adapter/adapter_config.json is missing)")
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_evaluate_not_a_run_directory(tmp_path, capsys):
+    code, _, err = run_cli(["evaluate", tmp_path], capsys)
+    assert_one_error(code, err, f"{tmp_path} is not a detoxrl run directory (config.yaml is missing)")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--samples_per_prompt", "0"], "samples_per_prompt must be at least 1, got 0"),
+        (["--max_prompts", "-2"], "max_prompts must be at least 1, got -2"),
+    ],
+    ids=["samples_per_prompt-0", "max_prompts-negative"],
+)
+def test_evaluate_bad_counts(capsys, finished_run, flags, message):
+    code, _, err = run_cli(["evaluate", finished_run, *flags], capsys)
+    assert_one_error(code, err, message)
+    assert not (finished_run / "eval").exists()
+
+
+def test_evaluate_dataset_without_prompt_column(tmp_path, capsys, finished_run):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"text": "Person1: you again?"}) + "\n")
+    code, _, err = run_cli(["evaluate", finished_run, "--dataset", data], capsys)
+    assert_one_error(code, err, f"dataset {data} has no column 'dialogue'; its columns are: text")
+    assert not (finished_run / "eval").exists()
+
+
+def test_evaluate_evaluator_cannot_be_loaded(tmp_path, capsys, monkeypatch, finished_run):
+    offline(monkeypatch)
+    out = tmp_path / "eval"
+    code, _, err = run_cli(["evaluate", finished_run, "--evaluators", "no/such/model", "--output_dir", out], capsys)
+    line = assert_one_error(code, err, "could not load evaluator tokenizer 'no/such/model'", "hub is unreachable")
+    assert "--preset smollm2-offline" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [None, "{not json"], ids=["missing", "corrupt"])
+def test_compare_without_metrics(tmp_path, capsys, finished_run, content):
+    other = tmp_path / "unfinished"
+    other.mkdir()
+    if content is not None:
+        (other / "metrics.json").write_text(content)
+    code, out, err = run_cli(["compare", finished_run, other], capsys)
+    message = f"no metrics.json in {other}: run `detoxrl evaluate`" if content is None else (
+        f"cannot read {other / 'metrics.json'}: Expecting property name")
+    assert_one_error(code, err, message)
+    assert out == ""
+
+
+# ----------------------------------------------------------------------------------------------- faults
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_saving_the_adapter(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch):
+    from detoxrl.policy import Policy
+
+    monkeypatch.setattr(Policy, "save_pretrained", no_space)
+    out = tmp_path / "run"
+    config = settings(tmp_path, tiny_t5, tiny_classifier)
+    train_and_expect(tmp_path, capsys, config, f"could not save the adapter to {out / 'adapter'}: "
+                     "No space left on device")
+
+
+def test_disk_full_while_checkpointing(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch):
+    """The second checkpoint fails: the first one survives, nothing looks finished, the run can resume."""
+    import detoxrl.ppo.checkpoint as checkpoint
+
+    real_save_file = checkpoint.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        if "step-0000002" in str(path):
+            no_space()
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    out = tmp_path / "run"
+    path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier,
+                                                          **{"ppo.steps": 3, "save_steps": 1}))
+    code, _, err = run_cli(["train", "--config", path], capsys)
+    assert_one_error(code, err, f"could not write checkpoint {out / 'checkpoints' / 'step-0000002'}: "
+                     "No space left on device (earlier checkpoints are kept)")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]  # no half-written copy
+    assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
+
+
+@pytest.mark.parametrize("at_step", [0, 1], ids=["before-any-checkpoint", "after-a-checkpoint"])
+def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch, at_step):
+    from detoxrl.ppo.trainer import PPOTrainer
+
+    real_step = PPOTrainer.step
+
+    def step(self, prompts):
+        if self.step_count == at_step:
+            raise KeyboardInterrupt
+        return real_step(self, prompts)
+
+    monkeypatch.setattr(PPOTrainer, "step", step)
+    out = tmp_path / "run"
+    path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier,
+                                                          **{"ppo.steps": 2, "save_steps": 1}))
+    code, _, err = run_cli(["train", "--config", path], capsys)
+    assert_one_error(code, err, "--resume", prefix=INTERRUPTED, exit_code=130)
+    if at_step == 0:
+        assert not out.exists()  # nothing worth keeping
+        return
+    assert (out / "checkpoints" / "step-0000001" / "state.json").is_file()
+    assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
+    monkeypatch.undo()  # the interruption is over: --resume finishes the run
+    code, _, err = run_cli(["train", "--output_dir", out, "--resume"], capsys)
+    assert code == 0, err
+    assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "metrics.json").is_file()
+
+
+def test_ctrl_c_in_a_real_process(tmp_path, tiny_t5, tiny_classifier):
+    """A real SIGINT, as from Ctrl-C in a terminal, once the first checkpoint is on disk."""
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"ppo.steps": 100000, "save_steps": 1})
+    path = write_yaml(tmp_path / "config.yaml", config)
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "detoxrl.cli", "train", "--config", str(path)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               # a shell without job control starts background jobs with SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoints" / "step-0000001" / "state.json").exists():
+            assert process.poll() is None, process.communicate()[1][-2000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert_one_error(process.returncode, stderr, "--resume", prefix=INTERRUPTED, exit_code=130)
+    assert stdout == ""
+    assert (out / "checkpoints" / "step-0000001" / "state.json").is_file()
+    assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
