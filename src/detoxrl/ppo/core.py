@@ -38,8 +38,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log pi(a_t | s_t) of the taken tokens: [B, T, V], [B, T] -> [B, T]."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log pi(a_t | s_t) of the taken tokens: [B, T, V], [B, T] -> [B, T].
+
+    logit[a] - logsumexp(logits) never materialises a [B, T, V] log-softmax.
+    """
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -185,9 +189,12 @@ def sampling_logits(
 
     Generation divides by the temperature and bans EOS before ``min_new_tokens``; scoring the
     responses under the raw logits instead is what made the old stack report negative KL.
-    Applied identically to policy and reference, so their KL stays a true KL.
+    Applied identically to policy and reference, so their KL stays a true KL. At temperature 1
+    without a minimum length the fp32 input is returned as is (no [B, T, V] copy).
     """
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     if min_new_tokens > 0:
         logits = logits.clone()
         logits[:, :min_new_tokens, eos_token_ids] = float("-inf")

@@ -142,12 +142,23 @@ def generate(
 
 
 @torch.inference_mode()
-def reference_logprobs(policy: Policy, rollout: Rollout, config: GenerationConfig) -> torch.Tensor:
-    """log pi_ref of the sampled tokens, under the same sampling transform as the policy."""
+def reference_logprobs(
+    policy: Policy, rollout: Rollout, config: GenerationConfig, chunk_size: int = 4
+) -> torch.Tensor:
+    """log pi_ref of the sampled tokens, under the same sampling transform as the policy.
+
+    Computed in chunks of ``chunk_size`` rows so that only a chunk's [rows, T, V] logits are alive.
+    """
+    chunks = []
     with policy.reference_model() as reference:
-        logits = forward_response(reference, rollout.query_ids, rollout.query_mask, rollout.response_ids).logits
-    logits = sampling_logits(logits, config.temperature, config.min_new_tokens, policy.eos_token_ids)
-    return logprobs_from_logits(logits, rollout.response_ids) * rollout.mask
+        for start in range(0, len(rollout.responses), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = forward_response(
+                reference, rollout.query_ids[rows], rollout.query_mask[rows], rollout.response_ids[rows]
+            ).logits
+            logits = sampling_logits(logits, config.temperature, config.min_new_tokens, policy.eos_token_ids)
+            chunks.append(logprobs_from_logits(logits, rollout.response_ids[rows]))
+    return torch.cat(chunks) * rollout.mask
 
 
 def score(scorer: Scorer, queries: list[str], responses: list[str], score_query: bool) -> torch.Tensor:

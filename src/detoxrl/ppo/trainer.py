@@ -139,7 +139,7 @@ class PPOTrainer:
 
         tick = time.perf_counter()
         with self.accelerator.autocast():
-            batch.ref_logprobs = reference_logprobs(self.policy, batch, self.config.generation)
+            batch.ref_logprobs = reference_logprobs(self.policy, batch, self.config.generation, self.micro_batch)
         timings["time/reference"] = time.perf_counter() - tick
         return batch, timings
 
