@@ -162,7 +162,9 @@ class PPOTrainer:
         self.kl_ctl.update(mean_kl, p.batch_size)
         if mean_kl < -1e-3:
             logger.warning(
-                "mean KL is negative (%.4f): the sampled log-probs do not match the policy's distribution", mean_kl
+                "mean KL estimate is negative (%.4f): small values are sampling noise; large or persistent ones "
+                "mean the log-probs do not come from the distribution that sampled",
+                mean_kl,
             )
         stats["time/total"] = time.perf_counter() - tick
         self.step_count += 1
