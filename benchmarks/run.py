@@ -4,8 +4,9 @@
 Each side runs in a virtual environment of its own (created here under benchmarks/.venvs/
 on first use), as a fresh subprocess per measurement. Repeats are interleaved
 (A B C A B C ...), so slow drift of the machine hits every side alike. Each subprocess
-loads the same random model from disk, runs warm-up iteration(s) that are not timed, then
-times the iteration(s) and prints one JSON line. This script reports the medians over the
+loads the random model of the setting (same layout and seed for every side) from disk,
+runs warm-up iteration(s) that are not timed, then times the iteration(s) and prints one
+JSON line. This script reports the medians over the
 repeats and the ratio of each side to detoxrl, and writes everything to a JSON file.
 
     python benchmarks/run.py                       # everything, full size, 3 repeats
@@ -384,6 +385,20 @@ def print_table(summary: dict, quick: bool) -> None:
 
 
 # --------------------------------------------------------------------------- main
+def summarise_files(paths: list[str]) -> int:
+    runs, quick = [], set()
+    for path in paths:
+        document = json.loads(Path(path).read_text())
+        quick.add(bool(document.get("options", {}).get("quick")))
+        known = {f for f in Run.__dataclass_fields__}
+        runs += [Run(**{k: v for k, v in r.items() if k in known}) for r in document.get("runs", [])]
+    if len(quick) > 1:
+        raise SystemExit("these files mix --quick and full-size runs")
+    print(f"{len(runs)} runs from {len(paths)} file(s)")
+    print_table(summarise(runs), quick.pop() if quick else False)
+    return 0
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -407,6 +422,8 @@ def parse_args(argv=None):
     parser.add_argument("--python", default=sys.executable, help="interpreter the environments are made from")
     parser.add_argument("--no-install", action="store_true", help="fail instead of creating/updating environments")
     parser.add_argument("--list", action="store_true", help="list the sides and exit")
+    parser.add_argument("--summarise", nargs="+", metavar="JSON",
+                        help="run nothing: print the medians over the runs stored in these result files")
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
@@ -438,6 +455,8 @@ def main(argv=None) -> int:
             print(f"{side.name:<16} env {side.environment:<9} settings {','.join(side.settings):<15} "
                   f"{side.description}")
         return 0
+    if args.summarise:
+        return summarise_files(args.summarise)
     pairs = plan(args)
     started = _dt.datetime.now(_dt.timezone.utc)
     source = source_state()
@@ -459,6 +478,38 @@ def main(argv=None) -> int:
     total = args.repeats * len(pairs)
     print(f"{total} runs: {args.repeats} repeat(s) x [{', '.join(f'{st}/{sd}' for st, sd in pairs)}]", flush=True)
     discarded: list[Run] = []
+    versions = {name: {"pip_install": environment_args(name), "versions": environment_versions(py)}
+                for name, py in pythons.items()}
+
+    def write(finished: bool) -> dict:
+        """The JSON document; written after every run, so an interrupted benchmark keeps what it measured."""
+        summary = summarise(runs)
+        document = {
+            "started": started.isoformat(),
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat() if finished else None,
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            "options": {k: v for k, v in vars(args).items() if k not in ("list",)},
+            "host": {
+                "platform": platform.platform(),
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+            },
+            "source": source,
+            "settings": {st: asdict(common.setting(st, args.quick)) for st in sorted({st for st, _ in pairs})},
+            "lora": common.LORA,
+            "sides": {name: asdict(SIDES[name]) for name in sorted({sd for _, sd in pairs})},
+            "environments": versions,
+            "runs": [asdict(r) for r in runs],
+            "discarded_busy_runs": [asdict(r) for r in discarded],
+            "summary": summary,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(document, indent=1))
+        tmp.replace(out)
+        return summary
+
     for repeat in range(args.repeats):
         for st, side in pairs:
             environment = SIDES[side].environment
@@ -481,8 +532,9 @@ def main(argv=None) -> int:
                       f"other processes {fmt_share(run.foreign_cpu_share)} of the CPUs", flush=True)
             else:
                 print(f"[{len(runs)}/{total}] {st:<8} {side:<16} FAILED: {run.error}", flush=True)
+            write(finished=False)
 
-    summary = summarise(runs)
+    summary = write(finished=True)
     print_table(summary, args.quick)
     busy = [r for r in runs if (r.foreign_cpu_share or 0) > BUSY_SHARE]
     if busy:
@@ -490,30 +542,8 @@ def main(argv=None) -> int:
         print(f"\nwarning: other processes used more than {BUSY_SHARE:.0%} of the CPUs during {len(busy)} of "
               f"{len(runs)} runs (up to {worst:.0%}); those times are inflated. Rerun on an idle machine.")
     failed = [r for r in runs if r.result is None]
-    document = {
-        "started": started.isoformat(),
-        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "argv": sys.argv[1:] if argv is None else list(argv),
-        "options": {k: v for k, v in vars(args).items() if k not in ("list",)},
-        "host": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "source": source,
-        "settings": {st: asdict(common.setting(st, args.quick)) for st in sorted({st for st, _ in pairs})},
-        "lora": common.LORA,
-        "sides": {name: asdict(SIDES[name]) for name in sorted({sd for _, sd in pairs})},
-        "environments": {name: {"pip_install": environment_args(name), "versions": environment_versions(py)}
-                         for name, py in pythons.items()},
-        "runs": [asdict(r) for r in runs],
-        "discarded_busy_runs": [asdict(r) for r in discarded],
-        "summary": summary,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=1))
     print(f"\nwrote {out}")
+
     if failed:
         print(f"{len(failed)} run(s) failed", file=sys.stderr)
         return 1
