@@ -34,7 +34,10 @@ def load_pretrained(loader: Callable[..., T], name: str, what: str, **kwargs: An
     path = Path(name).expanduser()
     if looks_like_path(name) and not path.exists():
         raise DetoxError(f"{what} not found: {name} does not exist")
-    if path.is_dir() and not any((path / f).is_file() for f in MODEL_FILES):
+    gguf_file = kwargs.get("gguf_file")
+    if gguf_file and path.is_dir() and not (path / gguf_file).is_file():
+        raise DetoxError(f"{what} not found: {path / gguf_file} does not exist")
+    if path.is_dir() and not gguf_file and not any((path / f).is_file() for f in MODEL_FILES):
         raise DetoxError(
             f"could not load {what} from {name}: the directory holds no model (no config.json); give a hub id "
             "or a directory written by save_pretrained"
