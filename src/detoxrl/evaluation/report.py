@@ -21,7 +21,7 @@ REFERENCE_COLOR, POLICY_COLOR = "#e8590c", "#1c7ed6"
 GOOD_COLOR, BAD_COLOR, NEUTRAL_COLOR = "#2b8a3e", "#c92a2a", "#868e96"
 TRAINING_CURVES = (("env/reward_mean", "Reward (mean)"), ("objective/kl", "KL to reference"),
                    ("objective/kl_coef", "KL coefficient"), ("ppo/loss/policy", "Policy loss"))
-QUALITY_LABELS = {"length_mean": "Mean length (tokens)", "distinct_1": "Distinct-1", "distinct_2": "Distinct-2",
+QUALITY_LABELS = {"length_mean": "Mean length (words)", "distinct_1": "Distinct-1", "distinct_2": "Distinct-2",
                   "rouge1": "ROUGE-1 F1", "rouge2": "ROUGE-2 F1", "rougeL": "ROUGE-L F1",
                   "kl_mean": "KL to reference (mean)"}
 QUALITATIVE_ROWS = 10
