@@ -394,7 +394,10 @@ def summarise_files(paths: list[str]) -> int:
         runs += [Run(**{k: v for k, v in r.items() if k in known}) for r in document.get("runs", [])]
     if len(quick) > 1:
         raise SystemExit("these files mix --quick and full-size runs")
-    print(f"{len(runs)} runs from {len(paths)} file(s)")
+    busy = [r for r in runs if (r.foreign_cpu_share or 0) > BUSY_SHARE]
+    runs = [r for r in runs if r not in busy]
+    print(f"{len(runs)} runs from {len(paths)} file(s); left out: {len(busy)} during which other processes "
+          f"used more than {BUSY_SHARE:.0%} of the CPUs")
     print_table(summarise(runs), quick.pop() if quick else False)
     return 0
 
@@ -421,6 +424,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/<timestamp>.json)")
     parser.add_argument("--python", default=sys.executable, help="interpreter the environments are made from")
     parser.add_argument("--no-install", action="store_true", help="fail instead of creating/updating environments")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=PYTHON",
+                        help="use an existing interpreter for an environment instead of creating it, e.g. "
+                             "--env detoxrl=.venv/bin/python (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the sides and exit")
     parser.add_argument("--summarise", nargs="+", metavar="JSON",
                         help="run nothing: print the medians over the runs stored in these result files")
@@ -467,7 +473,15 @@ def main(argv=None) -> int:
 
     env = side_env(args.threads)
     environments = sorted({SIDES[side].environment for _, side in pairs})
-    pythons = {name: ensure_environment(name, args.python, not args.no_install) for name in environments}
+    given = {}
+    for item in args.env:
+        name, sep, python = item.partition("=")
+        if not sep or name not in ENVIRONMENTS or not Path(python).exists():
+            raise SystemExit(f"--env {item!r}: expected NAME=PYTHON with NAME in {', '.join(ENVIRONMENTS)} "
+                             "and an existing interpreter")
+        given[name] = Path(python).absolute()
+    pythons = {name: given.get(name) or ensure_environment(name, args.python, not args.no_install)
+               for name in environments}
     models = {
         (SIDES[side].environment, st): ensure_model(pythons[SIDES[side].environment], SIDES[side].environment, st,
                                                     args.quick, env)
@@ -478,7 +492,8 @@ def main(argv=None) -> int:
     total = args.repeats * len(pairs)
     print(f"{total} runs: {args.repeats} repeat(s) x [{', '.join(f'{st}/{sd}' for st, sd in pairs)}]", flush=True)
     discarded: list[Run] = []
-    versions = {name: {"pip_install": environment_args(name), "versions": environment_versions(py)}
+    versions = {name: {"pip_install": environment_args(name) if name not in given else None,
+                       "python": str(py), "versions": environment_versions(py)}
                 for name, py in pythons.items()}
 
     def write(finished: bool) -> dict:
