@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -314,9 +313,3 @@ def _load_adapter(base: nn.Module, adapter: str) -> PeftModel:
     except (OSError, ValueError) as exc:
         raise DetoxError(f"could not load the adapter {adapter}: {str(exc).splitlines()[0]}") from exc
 
-
-def read_adapter_info(directory: str | Path) -> dict:
-    path = Path(directory) / "adapter_config.json"
-    if not path.is_file():
-        raise DetoxError(f"{directory} holds no adapter (adapter_config.json is missing)")
-    return json.loads(path.read_text())

@@ -55,6 +55,7 @@ def evaluate_policy(
     reward: Scorer,
     out_dir: Path,
     history: list[dict],
+    evaluators: dict[str, Scorer] | None = None,
 ) -> dict:
     """Generate, score, compare; write report.html and samples.csv; return the metrics block."""
     e = config.eval
@@ -63,7 +64,8 @@ def evaluate_policy(
         references = references[: e.max_prompts] if references else None
     if not prompts:
         raise DetoxError("no prompts to evaluate")
-    evaluators = {name: build_evaluator(name, e.nontoxic_label) for name in e.evaluators}
+    if evaluators is None:
+        evaluators = {name: build_evaluator(name, e.nontoxic_label) for name in e.evaluators}
     k = e.samples_per_prompt
     before, _ = sample_responses(policy, prompts, config, k, use_adapter=False, desc="eval: reference")
     after, kl = sample_responses(policy, prompts, config, k, use_adapter=True, desc="eval: policy")
@@ -157,14 +159,14 @@ def evaluate_run(
     column = config.data.reference_column
     references = list(rows[column]) if column and column in rows.column_names else None
 
-    evaluators_ok = [build_evaluator(name, config.eval.nontoxic_label) for name in config.eval.evaluators]
-    del evaluators_ok  # fail fast on an evaluator that cannot be loaded, before generating anything
+    # Loaded before anything is generated, so an evaluator that cannot be loaded fails fast.
+    held_out = {name: build_evaluator(name, config.eval.nontoxic_label) for name in config.eval.evaluators}
     reward = build_reward(config.reward, "cpu", config.model.trust_remote_code)
     policy = load_policy(config.model, adapter=run_dir / "adapter")
     history_file = run_dir / "history.jsonl"
     history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.is_file() else []
     out = Path(output_dir) if output_dir else run_dir / "eval"
-    evaluation = evaluate_policy(config, policy, list(rows["prompt"]), references, reward, out, history)
+    evaluation = evaluate_policy(config, policy, list(rows["prompt"]), references, reward, out, history, held_out)
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps({"run": run_info(config), "evaluation": evaluation}, indent=2))
     os.replace(tmp, out / "metrics.json")
