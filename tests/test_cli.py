@@ -18,7 +18,7 @@ def write_config(tmp_path: Path, model: Path, classifier: Path, **extra) -> Path
         "reward": {"scorer": "classifier", "model": str(classifier), "label": "nothate", "transform": "logit"},
         "data": {"dataset": "detoxrl:heated_dialogsum", "max_prompt_tokens": 48},
         "generation": {"max_new_tokens": 4},
-        "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2},
+        "rl": {"steps": 2, "batch_size": 4, "mini_batch_size": 2},
         "eval": {"evaluators": ["profanity-check"], "max_prompts": 6, "samples_per_prompt": 2},
         "output_dir": str(tmp_path / "run"),
         "device": "cpu",
@@ -64,7 +64,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, tiny_t5, tiny_classifier, caps
     assert metrics["evaluation"]["num_prompts"] == 6 and metrics["evaluation"]["samples_per_prompt"] == 2
     assert "rougeL" in metrics["evaluation"]["quality"]["policy"]
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["seed"] == 3 and saved["ppo"]["steps"] == 2
+    assert saved["seed"] == 3 and saved["rl"]["steps"] == 2
 
     # A finished run is never overwritten.
     again = subprocess.run([sys.executable, "-m", "detoxrl.cli", "train", "--config", str(config)],
@@ -95,7 +95,7 @@ def test_compare_prints_both_runs(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ({"ppo__batch_size": 6, "ppo__mini_batch_size": 4}, "must be divisible by ppo.mini_batch_size"),
+        ({"rl__batch_size": 6, "rl__mini_batch_size": 4}, "must be divisible by rl.mini_batch_size"),
         ({"reward__label": "friendly"}, "label 'friendly' is not a class of the reward classifier; its labels are: nothate, hate"),
         ({"data__text_column": "conversation"}, "dataset has no column 'conversation'"),
         ({"data__min_chars": 5000, "data__max_chars": 6000}, "only 0 rows are left after keeping texts"),
@@ -132,13 +132,13 @@ def test_nan_reward_stops_with_a_clear_error(tmp_path, tiny_t5, tiny_classifier,
 
 def test_config_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("ppo: [unclosed\n")
+    bad.write_text("rl: [unclosed\n")
     code, _, err = run_cli(["train", "--config", str(bad)], capsys)
     assert code == 2 and "is not valid YAML" in err
-    bad.write_text("ppo:\n  stepz: 3\n")
+    bad.write_text("rl:\n  stepz: 3\n")
     code, _, err = run_cli(["train", "--config", str(bad)], capsys)
-    assert code == 2 and "unknown config key 'ppo.stepz'" in err
-    code, _, err = run_cli(["train", "--ppo.batch_size", "many"], capsys)
-    assert code == 2 and "ppo.batch_size must be an integer" in err
+    assert code == 2 and "unknown config key 'rl.stepz'" in err
+    code, _, err = run_cli(["train", "--rl.batch_size", "many"], capsys)
+    assert code == 2 and "rl.batch_size must be an integer" in err
     code, _, err = run_cli(["evaluate", str(tmp_path)], capsys)
     assert code == 2 and "not a detoxrl run directory" in err

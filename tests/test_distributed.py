@@ -27,7 +27,7 @@ def setup_run(tmp_path: Path, model: Path, **ppo) -> Path:
         "reward": {"scorer": "callable", "function": "thanks_reward:score"},
         "data": {"dataset": "detoxrl:heated_dialogsum", "max_prompt_tokens": 32},
         "generation": {"max_new_tokens": 5},
-        "ppo": {"steps": 3, "batch_size": 8, "mini_batch_size": 8, "learning_rate": 0.01, **ppo},
+        "rl": {"steps": 3, "batch_size": 8, "mini_batch_size": 8, "learning_rate": 0.01, **ppo},
         "eval": {"enabled": False},
         "report_to": [],
         "device": "cpu",

@@ -6,7 +6,7 @@ import torch
 
 from detoxrl.config import build_config
 from detoxrl.policy import load_policy
-from detoxrl.ppo.trainer import PPOTrainer
+from detoxrl.rl.trainer import RLTrainer
 from detoxrl.rewards.base import Scorer
 
 PROMPTS = ["the person1 said thanks about work", "the meeting is good", "a car and a home", "school talk"]
@@ -26,16 +26,16 @@ def test_reward_rises(model, request):
         overrides={
             "model.name_or_path": str(request.getfixturevalue(model)),
             "model.lora_r": 8,
-            "ppo.steps": 20,
-            "ppo.learning_rate": 1e-2,
-            "ppo.init_kl_coef": 0.01,
-            "ppo.adaptive_kl": False,
+            "rl.steps": 20,
+            "rl.learning_rate": 1e-2,
+            "rl.init_kl_coef": 0.01,
+            "rl.adaptive_kl": False,
             "generation.max_new_tokens": 6,
             "report_to": [],
             "device": "cpu",
         }
     )
-    trainer = PPOTrainer(config, load_policy(config.model), ThanksShare(), PROMPTS)
+    trainer = RLTrainer(config, load_policy(config.model), ThanksShare(), PROMPTS)
     rewards = [s["env/reward_mean"] for s in trainer.train()]
     first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
     assert last > 2 * first + 0.05, rewards

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from detoxrl.config import GenerationConfig, ModelConfig
 from detoxrl.errors import DetoxError
 from detoxrl.policy import forward_response, load_policy
-from detoxrl.ppo.core import logprobs_from_logits, sampling_logits
-from detoxrl.ppo.rollout import generate, reference_logprobs
+from detoxrl.rl.core import logprobs_from_logits, sampling_logits
+from detoxrl.rl.rollout import generate, reference_logprobs
 
 PROMPTS = ["the person1 said thanks about work and the meeting", "school talk"]
 

@@ -35,13 +35,13 @@ NOT_ERRORS = re.compile(r"^\s*PPO:|^(INFO|WARNING) [\w.]+: ")
 
 
 def settings(tmp_path: Path, model: Path, classifier: Path, **dotted) -> dict:
-    """A run that takes a second on tiny models; ``dotted`` overrides, e.g. ``**{"ppo.steps": 0}``."""
+    """A run that takes a second on tiny models; ``dotted`` overrides, e.g. ``**{"rl.steps": 0}``."""
     config = {
         "model": {"name_or_path": str(model), "lora_r": 4},
         "reward": {"scorer": "classifier", "model": str(classifier), "label": "nothate", "transform": "logit"},
         "data": {"dataset": "detoxrl:heated_dialogsum", "max_prompt_tokens": 32},
         "generation": {"max_new_tokens": 3},
-        "ppo": {"steps": 1, "batch_size": 2, "mini_batch_size": 2},
+        "rl": {"steps": 1, "batch_size": 2, "mini_batch_size": 2},
         "eval": {"enabled": False},
         "report_to": [],
         "device": "cpu",
@@ -121,7 +121,7 @@ def restore_torch_threads():
 def finished_run(tmp_path_factory, tiny_t5, tiny_classifier) -> Path:
     """A finished 2-step run with a checkpoint at step 1 (shared; tests copy it before changing it)."""
     root = tmp_path_factory.mktemp("finished")
-    config = settings(root, tiny_t5, tiny_classifier, **{"ppo.steps": 2, "save_steps": 1})
+    config = settings(root, tiny_t5, tiny_classifier, **{"rl.steps": 2, "save_steps": 1})
     out = train(build_config(None, write_yaml(root / "config.yaml", config)))
     assert (out / "metrics.json").is_file() and (out / "checkpoints" / "step-0000001" / "state.json").is_file()
     return out
@@ -133,14 +133,14 @@ def finished_run(tmp_path_factory, tiny_t5, tiny_classifier) -> Path:
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("ppo: [unclosed\n", "is not valid YAML (line"),
-        ("- ppo\n- steps\n", "must hold a mapping of settings"),
+        ("rl: [unclosed\n", "is not valid YAML (line"),
+        ("- rl\n- steps\n", "must hold a mapping of settings"),
         ("outptu_dir: runs/a\n", "unknown config key 'outptu_dir'"),
-        ("ppo:\n  stepz: 3\n", "unknown config key 'ppo.stepz'"),
-        ("ppo: 3\n", "ppo must be a mapping, got 3"),
-        ("ppo:\n  steps: many\n", "ppo.steps must be an integer, got 'many'"),
-        ("ppo:\n  learning_rate: [0.1, 0.2]\n", "ppo.learning_rate must be a number, got [0.1, 0.2]"),
-        ("ppo:\n  batch_size: true\n", "ppo.batch_size must be an integer, got True"),
+        ("rl:\n  stepz: 3\n", "unknown config key 'rl.stepz'"),
+        ("rl: 3\n", "rl must be a mapping, got 3"),
+        ("rl:\n  steps: many\n", "rl.steps must be an integer, got 'many'"),
+        ("rl:\n  learning_rate: [0.1, 0.2]\n", "rl.learning_rate must be a number, got [0.1, 0.2]"),
+        ("rl:\n  batch_size: true\n", "rl.batch_size must be an integer, got True"),
         ("eval:\n  enabled: maybe\n", "eval.enabled must be true or false, got 'maybe'"),
     ],
     ids=["malformed-yaml", "yaml-list", "unknown-top-key", "unknown-nested-key", "section-not-mapping",
@@ -157,14 +157,14 @@ def test_bad_config_file(tmp_path, capsys, text, message):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("ppo.steps", 0, "ppo.steps must be at least 1, got 0"),
-        ("ppo.batch_size", -1, "ppo.batch_size must be at least 1, got -1"),
-        ("ppo.mini_batch_size", 0, "ppo.mini_batch_size must be at least 1, got 0"),
+        ("rl.steps", 0, "rl.steps must be at least 1, got 0"),
+        ("rl.batch_size", -1, "rl.batch_size must be at least 1, got -1"),
+        ("rl.mini_batch_size", 0, "rl.mini_batch_size must be at least 1, got 0"),
         ("generation.max_new_tokens", 0, "generation.max_new_tokens must be at least 1, got 0"),
         ("data.max_prompt_tokens", 0, "data.max_prompt_tokens must be at least 1, got 0"),
         ("reward.batch_size", 0, "reward.batch_size must be at least 1, got 0"),
         ("save_steps", -5, "save_steps must be 0 or more, got -5"),
-        ("ppo.learning_rate", float("nan"), "ppo.learning_rate must be positive, got nan"),
+        ("rl.learning_rate", float("nan"), "rl.learning_rate must be positive, got nan"),
     ],
     ids=["steps-0", "batch_size-negative", "mini_batch_size-0", "max_new_tokens-0", "max_prompt_tokens-0",
          "reward_batch_size-0", "save_steps-negative", "learning_rate-nan"],
@@ -174,8 +174,8 @@ def test_sizes_out_of_range(tmp_path, tiny_t5, tiny_classifier, capsys, key, val
 
 
 def test_batch_not_divisible_by_mini_batch(tmp_path, tiny_t5, tiny_classifier, capsys):
-    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"ppo.batch_size": 6, "ppo.mini_batch_size": 4})
-    train_and_expect(tmp_path, capsys, config, "ppo.batch_size (6) must be divisible by ppo.mini_batch_size (4)")
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"rl.batch_size": 6, "rl.mini_batch_size": 4})
+    train_and_expect(tmp_path, capsys, config, "rl.batch_size (6) must be divisible by rl.mini_batch_size (4)")
 
 
 @pytest.mark.parametrize("key, value", [("generation.top_k", 50), ("generation.top_p", 0.9)], ids=["top_k", "top_p"])
@@ -200,8 +200,8 @@ def test_config_file_not_utf8(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--ppo.stepz", "3"], "unrecognized arguments: --ppo.stepz 3"),
-        (["train", "--ppo.batch_size", "many"], "ppo.batch_size must be an integer, got 'many'"),
+        (["train", "--rl.stepz", "3"], "unrecognized arguments: --rl.stepz 3"),
+        (["train", "--rl.batch_size", "many"], "rl.batch_size must be an integer, got 'many'"),
         (["evaluate", "somewhere", "--samples_per_prompt", "two"], "argument --samples_per_prompt: invalid int value"),
     ],
     ids=["unknown-flag", "flag-wrong-type", "evaluate-flag-wrong-type"],
@@ -498,7 +498,7 @@ def test_disk_full_while_saving_the_adapter(tmp_path, tiny_t5, tiny_classifier, 
 
 def test_disk_full_while_checkpointing(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch):
     """The second checkpoint fails: the first one survives, nothing looks finished, the run can resume."""
-    import detoxrl.ppo.checkpoint as checkpoint
+    import detoxrl.rl.checkpoint as checkpoint
 
     real_save_file = checkpoint.save_file
 
@@ -510,7 +510,7 @@ def test_disk_full_while_checkpointing(tmp_path, tiny_t5, tiny_classifier, capsy
     monkeypatch.setattr(checkpoint, "save_file", save_file)
     out = tmp_path / "run"
     path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier,
-                                                          **{"ppo.steps": 3, "save_steps": 1}))
+                                                          **{"rl.steps": 3, "save_steps": 1}))
     code, _, err = run_cli(["train", "--config", path], capsys)
     assert_one_error(code, err, f"could not write checkpoint {out / 'checkpoints' / 'step-0000002'}: "
                      "No space left on device (earlier checkpoints are kept)")
@@ -520,19 +520,19 @@ def test_disk_full_while_checkpointing(tmp_path, tiny_t5, tiny_classifier, capsy
 
 @pytest.mark.parametrize("at_step", [0, 1], ids=["before-any-checkpoint", "after-a-checkpoint"])
 def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch, at_step):
-    from detoxrl.ppo.trainer import PPOTrainer
+    from detoxrl.rl.trainer import RLTrainer
 
-    real_step = PPOTrainer.step
+    real_step = RLTrainer.step
 
     def step(self, prompts):
         if self.step_count == at_step:
             raise KeyboardInterrupt
         return real_step(self, prompts)
 
-    monkeypatch.setattr(PPOTrainer, "step", step)
+    monkeypatch.setattr(RLTrainer, "step", step)
     out = tmp_path / "run"
     path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier,
-                                                          **{"ppo.steps": 2, "save_steps": 1}))
+                                                          **{"rl.steps": 2, "save_steps": 1}))
     code, _, err = run_cli(["train", "--config", path], capsys)
     assert_one_error(code, err, "--resume", prefix=INTERRUPTED, exit_code=130)
     if at_step == 0:
@@ -549,7 +549,7 @@ def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch, at_step
 
 def test_ctrl_c_in_a_real_process(tmp_path, tiny_t5, tiny_classifier):
     """A real SIGINT, as from Ctrl-C in a terminal, once the first checkpoint is on disk."""
-    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"ppo.steps": 100000, "save_steps": 1})
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"rl.steps": 100000, "save_steps": 1})
     path = write_yaml(tmp_path / "config.yaml", config)
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "detoxrl.cli", "train", "--config", str(path)], cwd=tmp_path,

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from detoxrl.config import RewardConfig
 from detoxrl.errors import DetoxError
-from detoxrl.ppo.rollout import score
+from detoxrl.rl.rollout import score
 from detoxrl.rewards import (
     CallableScorer,
     ClassifierScorer,

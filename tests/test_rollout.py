@@ -4,7 +4,7 @@ import torch
 
 from detoxrl.config import GenerationConfig, ModelConfig
 from detoxrl.policy import load_policy
-from detoxrl.ppo.rollout import SeededSampler, generate, sample_seeds
+from detoxrl.rl.rollout import SeededSampler, generate, sample_seeds
 
 
 def test_seeded_sampler_samples_the_softmax():

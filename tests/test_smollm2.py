@@ -8,7 +8,7 @@ import torch
 from detoxrl.config import build_config
 from detoxrl.data import build_splits
 from detoxrl.policy import load_policy
-from detoxrl.ppo.trainer import PPOTrainer
+from detoxrl.rl.trainer import RLTrainer
 from detoxrl.rewards import build_reward
 
 pytestmark = pytest.mark.skipif(
@@ -20,7 +20,7 @@ def test_smollm2_gguf_one_ppo_step(tmp_path):
     config = build_config(
         "smollm2-offline",
         overrides={
-            "ppo.steps": 1, "ppo.batch_size": 2, "ppo.mini_batch_size": 1, "generation.max_new_tokens": 8,
+            "rl.steps": 1, "rl.batch_size": 2, "rl.mini_batch_size": 1, "generation.max_new_tokens": 8,
             "data.max_prompt_tokens": 96, "output_dir": str(tmp_path), "report_to": [], "device": "cpu",
         },
     )
@@ -30,7 +30,7 @@ def test_smollm2_gguf_one_ppo_step(tmp_path):
     assert policy.model.config.model_type == "llama" and policy.use_chat_template
     assert "<|im_start|>assistant" in policy.format_prompts(["hi"])[0]
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
-    trainer = PPOTrainer(config, policy, build_reward(config.reward), list(train_rows["prompt"]))
+    trainer = RLTrainer(config, policy, build_reward(config.reward), list(train_rows["prompt"]))
     (stats,) = trainer.train()
     assert stats["env/response_length_mean"] > 0
     assert abs(stats["objective/kl"]) < 1e-3  # a fresh adapter starts at the reference

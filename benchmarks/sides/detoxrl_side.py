@@ -1,4 +1,4 @@
-"""detoxrl: ``detoxrl.policy.load_policy`` + ``detoxrl.ppo.trainer.PPOTrainer.step(prompts)``.
+"""detoxrl: ``detoxrl.policy.load_policy`` + ``detoxrl.rl.trainer.RLTrainer.step(prompts)``.
 
 The model directory is loaded by path through detoxrl's own loading code; LoRA (r, alpha,
 dropout, targets), generation (min = max = response tokens, pure sampling), batch and
@@ -28,7 +28,7 @@ def main() -> None:
     import numpy as np
     from detoxrl.config import build_config
     from detoxrl.policy import load_policy
-    from detoxrl.ppo.trainer import PPOTrainer
+    from detoxrl.rl.trainer import RLTrainer
     from detoxrl.rewards import Scorer
 
     steps = args.warmup + args.iterations
@@ -45,12 +45,12 @@ def main() -> None:
             "generation.top_p": 1.0,
             "generation.temperature": 1.0,
             "data.max_prompt_tokens": max(512, s.prompt_tokens),
-            "ppo.steps": steps,
-            "ppo.batch_size": s.batch_size,
-            "ppo.mini_batch_size": s.mini_batch_size,
-            "ppo.ppo_epochs": 1,
-            "ppo.gradient_accumulation_steps": 1,
-            "ppo.learning_rate": common.LEARNING_RATE,
+            "rl.steps": steps,
+            "rl.batch_size": s.batch_size,
+            "rl.mini_batch_size": s.mini_batch_size,
+            "rl.ppo_epochs": 1,
+            "rl.gradient_accumulation_steps": 1,
+            "rl.learning_rate": common.LEARNING_RATE,
             "device": "cpu",
             "mixed_precision": "no",
             "report_to": ["none"],
@@ -69,7 +69,7 @@ def main() -> None:
 
     policy = load_policy(config.model)
     all_prompts = [p for i in range(-args.warmup, args.iterations) for p in common.prompt_texts(s, i)]
-    trainer = PPOTrainer(config, policy, StandInScorer(), all_prompts)
+    trainer = RLTrainer(config, policy, StandInScorer(), all_prompts)
 
     def iteration(step: int) -> dict[str, float]:
         step_index["value"] = step

@@ -1,6 +1,6 @@
 """Command line: ``detoxrl train | evaluate | compare``.
 
-Every setting of :class:`detoxrl.config.Config` is a flag (``--ppo.learning_rate 1e-4``);
+Every setting of :class:`detoxrl.config.Config` is a flag (``--rl.learning_rate 1e-4``);
 the common ones also have their Hugging Face spelling (``--model_name_or_path``,
 ``--output_dir``, ``--seed``, ``--report_to``). Errors the user can fix print one line.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import PRESETS, build_config, iter_fields
 from .errors import DetoxError
 
-ALIASES = {"model_name_or_path": "model.name_or_path", "steps": "ppo.steps", "learning_rate": "ppo.learning_rate"}
+ALIASES = {"model_name_or_path": "model.name_or_path", "steps": "rl.steps", "learning_rate": "rl.learning_rate"}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         report("detoxrl: interrupted; continue with --resume (checkpoints are kept)")
         code = 130
     except MemoryError:
-        report("detoxrl: error: out of memory; lower ppo.batch_size or generation.max_new_tokens")
+        report("detoxrl: error: out of memory; lower rl.batch_size or generation.max_new_tokens")
         code = 1
     except OSError as exc:
         if os.environ.get("DETOXRL_DEBUG"):

@@ -81,7 +81,7 @@ class GenerationConfig:
 
 
 @dataclass
-class PPOConfig:
+class RLConfig:
     steps: int = _f(10, "PPO steps (one batch of rollouts each).")
     learning_rate: float = _f(1.41e-5, "Adam learning rate.")
     lr_scheduler: str = _f("constant", "transformers scheduler name: constant, linear, cosine, ...")
@@ -122,7 +122,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = _f("outputs/run", "Where the adapter, metrics and report are written.")
     seed: int = _f(0, "Random seed.")
@@ -135,16 +135,16 @@ class Config:
 
     def validate(self) -> None:
         """Refuse settings that cannot work, with the reason, before anything is loaded."""
-        p, g = self.ppo, self.generation
+        p, g = self.rl, self.generation
         for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "gradient_accumulation_steps"):
             if getattr(p, name) < 1:
-                raise DetoxError(f"ppo.{name} must be at least 1, got {getattr(p, name)}")
+                raise DetoxError(f"rl.{name} must be at least 1, got {getattr(p, name)}")
         if p.batch_size % p.mini_batch_size:
             raise DetoxError(
-                f"ppo.batch_size ({p.batch_size}) must be divisible by ppo.mini_batch_size ({p.mini_batch_size})"
+                f"rl.batch_size ({p.batch_size}) must be divisible by rl.mini_batch_size ({p.mini_batch_size})"
             )
         if not p.learning_rate > 0:  # also refuses NaN
-            raise DetoxError(f"ppo.learning_rate must be positive, got {p.learning_rate}")
+            raise DetoxError(f"rl.learning_rate must be positive, got {p.learning_rate}")
         sizes = {
             "generation.max_new_tokens": g.max_new_tokens,
             "data.max_prompt_tokens": self.data.max_prompt_tokens,
@@ -290,7 +290,7 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults, then a preset, then a YAML file, then dotted overrides (``ppo.steps``)."""
+    """Defaults, then a preset, then a YAML file, then dotted overrides (``rl.steps``)."""
     config = Config()
     if preset:
         _apply(config, preset_values(preset))

@@ -28,8 +28,8 @@ from .config import Config
 from .data import build_splits
 from .errors import DetoxError
 from .policy import load_policy
-from .ppo import checkpoint
-from .ppo.trainer import PPOTrainer, write_history
+from .rl import checkpoint
+from .rl.trainer import RLTrainer, write_history
 from .rewards import build_reward
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def make_accelerator(config: Config) -> Accelerator:
     return Accelerator(
         cpu=config.device == "cpu",
         mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.ppo.gradient_accumulation_steps,
+        gradient_accumulation_steps=config.rl.gradient_accumulation_steps,
         log_with=trackers or None,
         project_dir=str(Path(config.output_dir) / "logs"),
     )
@@ -134,7 +134,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     train_rows, test_rows = build_splits(config.data, config.seed)
     reward = build_reward(config.reward, str(accelerator.device), config.model.trust_remote_code)
     policy = load_policy(config.model)
-    trainer = PPOTrainer(config, policy, reward, list(train_rows["prompt"]), accelerator)
+    trainer = RLTrainer(config, policy, reward, list(train_rows["prompt"]), accelerator)
 
     if resume:
         found = checkpoint.latest(out / "checkpoints")
@@ -147,7 +147,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     if accelerator.trackers or config.report_to:
         accelerator.init_trackers("detoxrl", config=flat_hparams(config))
     bar = tqdm(
-        total=config.ppo.steps, initial=trainer.step_count, desc="PPO", unit="step", disable=not main, dynamic_ncols=True
+        total=config.rl.steps, initial=trainer.step_count, desc="PPO", unit="step", disable=not main, dynamic_ncols=True
     )
 
     def on_step(stats: dict[str, float]) -> None:

@@ -16,7 +16,7 @@ from ..config import Config, build_config
 from ..data import build_splits, load_rows
 from ..errors import DetoxError
 from ..policy import Policy, load_policy
-from ..ppo.rollout import generate, reference_logprobs, sample_seeds
+from ..rl.rollout import generate, reference_logprobs, sample_seeds
 from ..rewards import Scorer, build_evaluator, build_reward
 from .report import render_report
 from .stats import qualitative_table, quality_metrics, toxicity_summary, write_table_csv
@@ -115,7 +115,7 @@ def evaluate_policy(
 
 
 def run_info(config: Config) -> dict:
-    return {"model": config.model.name_or_path, "output_dir": config.output_dir, "steps": config.ppo.steps}
+    return {"model": config.model.name_or_path, "output_dir": config.output_dir, "steps": config.rl.steps}
 
 
 def evaluate_run(

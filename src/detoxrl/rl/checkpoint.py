@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import DetoxError
 
 if TYPE_CHECKING:
-    from .trainer import PPOTrainer
+    from .trainer import RLTrainer
 
 PREFIX = "step-"
 COMPLETE = "state.json"
@@ -69,12 +69,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((version, tuple(internal), gauss_py))
 
 
-def trainable_state(trainer: "PPOTrainer") -> dict[str, torch.Tensor]:
+def trainable_state(trainer: "RLTrainer") -> dict[str, torch.Tensor]:
     module = trainer.accelerator.unwrap_model(trainer.module)
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save(trainer: "PPOTrainer", root: Path, keep: int) -> Path:
+def save(trainer: "RLTrainer", root: Path, keep: int) -> Path:
     """Write ``root/step-N`` atomically (every rank its RNG; rank 0 the rest); keep the last ``keep``."""
     target = root / f"{PREFIX}{trainer.step_count:07d}"
     staging = root / f".tmp-{PREFIX}{trainer.step_count:07d}"
@@ -88,7 +88,7 @@ def save(trainer: "PPOTrainer", root: Path, keep: int) -> Path:
         ) from exc
 
 
-def _save(trainer: "PPOTrainer", root: Path, keep: int, target: Path, staging: Path) -> Path:
+def _save(trainer: "RLTrainer", root: Path, keep: int, target: Path, staging: Path) -> Path:
     acc = trainer.accelerator
     root.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
@@ -127,7 +127,7 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(trainer: "PPOTrainer", directory: Path) -> None:
+def load(trainer: "RLTrainer", directory: Path) -> None:
     acc = trainer.accelerator
     try:
         state = json.loads((directory / COMPLETE).read_text())

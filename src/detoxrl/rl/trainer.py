@@ -42,7 +42,7 @@ from .rollout import Rollout, generate, reference_logprobs, sample_seeds, score
 logger = logging.getLogger(__name__)
 
 
-class PPOTrainer:
+class RLTrainer:
     def __init__(
         self,
         config: Config,
@@ -53,12 +53,12 @@ class PPOTrainer:
     ):
         config.validate()
         self.config, self.policy, self.scorer, self.prompts = config, policy, scorer, prompts
-        p = config.ppo
+        p = config.rl
         self.accelerator = accelerator or Accelerator(cpu=config.device == "cpu")
         world = self.accelerator.num_processes
         if p.batch_size % world or p.mini_batch_size % (world * p.gradient_accumulation_steps):
             raise DetoxError(
-                f"ppo.batch_size ({p.batch_size}) and ppo.mini_batch_size ({p.mini_batch_size}) must split evenly "
+                f"rl.batch_size ({p.batch_size}) and rl.mini_batch_size ({p.mini_batch_size}) must split evenly "
                 f"over {world} process(es) x {p.gradient_accumulation_steps} accumulation step(s)"
             )
         if len(prompts) < 1:
@@ -94,7 +94,7 @@ class PPOTrainer:
     # ----------------------------------------------------------------------------- data
     def batch_prompts(self, step: int) -> list[str]:
         """This process's share of global batch ``step``; the order depends only on seed and step."""
-        p, n = self.config.ppo, len(self.prompts)
+        p, n = self.config.rl, len(self.prompts)
         start = step * p.batch_size
         indices = []
         for position in range(start, start + p.batch_size):
@@ -123,7 +123,7 @@ class PPOTrainer:
         tick = time.perf_counter()
         unwrapped = self.accelerator.unwrap_model(self.module)
         first = self.accelerator.process_index * self.local_batch
-        seeds = sample_seeds(self.config.seed, self.step_count, count=self.config.ppo.batch_size)
+        seeds = sample_seeds(self.config.seed, self.step_count, count=self.config.rl.batch_size)
         with self.accelerator.autocast():
             batch = generate(
                 self.policy, unwrapped.model, prompts, self.config.generation, self.config.data.max_prompt_tokens,
@@ -145,7 +145,7 @@ class PPOTrainer:
 
     def step(self, prompts: list[str]) -> dict[str, float]:
         """One PPO iteration on this process's prompts; returns the logged statistics."""
-        p = self.config.ppo
+        p = self.config.rl
         tick = time.perf_counter()
         batch, stats = self.rollout(prompts)
 
@@ -172,7 +172,7 @@ class PPOTrainer:
         return stats
 
     def optimise(self, batch: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        p, g = self.config.ppo, self.config.generation
+        p, g = self.config.rl, self.config.generation
         eos = self.policy.eos_token_ids
         collected = []
         n = len(batch.responses)
@@ -252,13 +252,13 @@ class PPOTrainer:
     def train(self, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         """Run the remaining steps; checkpoint every ``save_steps``; return the per-step history."""
         cfg = self.config
-        while self.step_count < cfg.ppo.steps:
+        while self.step_count < cfg.rl.steps:
             stats = self.step(self.batch_prompts(self.step_count))
             self.history.append(stats)
             self.accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=self.step_count)
             if on_step:
                 on_step(stats)
-            if cfg.save_steps and self.step_count % cfg.save_steps == 0 and self.step_count < cfg.ppo.steps:
+            if cfg.save_steps and self.step_count % cfg.save_steps == 0 and self.step_count < cfg.rl.steps:
                 self.save_checkpoint()
         return self.history
 

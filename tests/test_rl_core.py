@@ -1,11 +1,11 @@
-"""The PPO math in detoxrl.ppo.core, checked against values worked out by hand."""
+"""The PPO math in detoxrl.rl.core, checked against values worked out by hand."""
 
 import math
 
 import pytest
 import torch
 
-from detoxrl.ppo.core import (
+from detoxrl.rl.core import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,
