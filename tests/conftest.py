@@ -21,3 +21,17 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> Path:
     return save_tiny_classifier(tmp_path_factory.mktemp("classifier"))
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli(argv) -> (exit code, stdout, stderr)``: the ``detoxrl`` command line, in this process."""
+    from detoxrl.cli import main
+
+    def run(argv) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return exit_info.value.code, captured.out, captured.err
+
+    return run

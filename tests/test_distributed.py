@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-REWARD = "def score(texts):\n    return [t.split().count('thanks') / max(1, len(t.split())) for t in texts]\n"
+from tiny import subprocess_env, tiny_run_settings, write_yaml
 
 # Largest allowed difference between the LoRA weights of a 2-process and a 1-process run with the
 # same global batch. Rollouts are identical by construction (per-sample seeds); what remains is
@@ -20,21 +19,14 @@ REWARD = "def score(texts):\n    return [t.split().count('thanks') / max(1, len(
 TOLERANCE = 1e-5
 
 
-def setup_run(tmp_path: Path, model: Path, **ppo) -> Path:
-    (tmp_path / "thanks_reward.py").write_text(REWARD)
-    config = {
-        "model": {"name_or_path": str(model), "lora_r": 4},
-        "reward": {"scorer": "callable", "function": "thanks_reward:score"},
-        "data": {"dataset": "detoxrl:heated_dialogsum", "max_prompt_tokens": 32},
-        "generation": {"max_new_tokens": 5},
-        "rl": {"steps": 3, "batch_size": 8, "mini_batch_size": 8, "learning_rate": 0.01, **ppo},
-        "eval": {"enabled": False},
-        "report_to": [],
-        "device": "cpu",
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def setup_run(tmp_path: Path, model: Path, **rl) -> Path:
+    """A run rewarded by the share of "thanks", with a learning rate that visibly moves the adapter."""
+    settings = tiny_run_settings(
+        model, tmp_path / "run",
+        **{"data.max_prompt_tokens": 32, "generation.max_new_tokens": 5, "threads": None,
+           "rl": {"steps": 3, "batch_size": 8, "mini_batch_size": 8, "learning_rate": 0.01, **rl}},
+    )
+    return write_yaml(tmp_path / "config.yaml", settings)
 
 
 def train_cmd(config: Path, out: Path, *extra: str, processes: int = 1) -> list[str]:
@@ -52,11 +44,12 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, tiny_t5):
     config = setup_run(tmp_path, tiny_t5)
     for name, processes in (("one", 1), ("two", 2)):
         done = subprocess.run(train_cmd(config, tmp_path / name, processes=processes), cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     run = json.loads((tmp_path / "two" / "metrics.json").read_text())["run"]
     assert run["num_processes"] == 2
@@ -74,12 +67,12 @@ def test_two_processes_match_one(tmp_path, tiny_t5):
 def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_t5):
     config = setup_run(tmp_path, tiny_t5, steps=10, mini_batch_size=4)
     extra = ["--save_steps", "1", "--save_total_limit", "2"]
-    full = subprocess.run(train_cmd(config, tmp_path / "full", *extra), cwd=tmp_path,
+    full = subprocess.run(train_cmd(config, tmp_path / "full", *extra), cwd=tmp_path, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
 
     run = tmp_path / "killed"
-    process = subprocess.Popen(train_cmd(config, run, *extra), cwd=tmp_path,
+    process = subprocess.Popen(train_cmd(config, run, *extra), cwd=tmp_path, env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (run / "checkpoints" / "step-0000004").exists():
@@ -94,7 +87,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_t5):
 
     resumed = subprocess.run(
         [sys.executable, "-m", "detoxrl.cli", "train", "--output_dir", str(run), "--resume"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert max_difference(adapter(tmp_path / "full"), adapter(run)) == 0.0
@@ -105,13 +98,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_t5):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_t5):
     config = setup_run(tmp_path, tiny_t5, steps=2)
     run = tmp_path / "run"
-    done = subprocess.run(train_cmd(config, run, "--save_steps", "1"), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(train_cmd(config, run, "--save_steps", "1"), cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     (run / "metrics.json").unlink()  # pretend the run died after its checkpoint
     (run / "checkpoints" / "step-0000001" / "optimizer.safetensors").write_bytes(b"not a tensor file")
     again = subprocess.run([sys.executable, "-m", "detoxrl.cli", "train", "--output_dir", str(run), "--resume"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2
     assert "checkpoint" in again.stderr and "is corrupt or incomplete" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1

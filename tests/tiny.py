@@ -1,10 +1,13 @@
-"""Tiny random models in real architectures, saved with save_pretrained and loaded by path."""
+"""Tiny random models in real architectures, saved with save_pretrained and loaded by path; the settings
+of a run that takes seconds on them; and a toy reward that a policy can learn in a few steps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     LlamaConfig,
@@ -15,6 +18,14 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+
+from detoxrl.config import Config, build_config
+from detoxrl.rewards.base import Scorer
+
+TESTS_DIR = Path(__file__).parent
+# The toy reward as ``reward.function``: importable in-process (conftest puts tests/ on sys.path) and, with
+# ``subprocess_env()``, in a ``python -m detoxrl.cli`` child.
+THANKS_REWARD = "tiny:thanks_share"
 
 WORDS = (
     "the a and to of summary conversation person1 person2 said about meeting work idiot stupid damn "
@@ -77,3 +88,66 @@ def save_tiny_classifier(path: Path, seed: int = 0) -> Path:
     RobertaForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def thanks_share(texts: list[str]) -> list[float]:
+    """Share of the words that are "thanks": a reward a tiny policy learns in a few steps."""
+    return [t.split().count("thanks") / max(1, len(t.split())) for t in texts]
+
+
+class ThanksShare(Scorer):
+    """``thanks_share`` as a Scorer, for building a trainer without a reward config."""
+
+    name = "thanks-share"
+
+    def rewards(self, texts):
+        return np.asarray(thanks_share(texts), dtype=np.float32)
+
+
+def tiny_run_settings(model: Path | str, output_dir: Path | str, classifier: Path | str | None = None,
+                      **dotted) -> dict:
+    """Settings of a one-step run that takes seconds on tiny models.
+
+    The reward is the classifier when one is given, else ``THANKS_REWARD``. ``dotted`` overrides or adds
+    settings, e.g. ``**{"rl.steps": 2, "eval.enabled": True}``.
+    """
+    reward = ({"scorer": "classifier", "model": str(classifier), "label": "nothate", "transform": "logit"}
+              if classifier is not None else {"scorer": "callable", "function": THANKS_REWARD})
+    settings = {
+        "model": {"name_or_path": str(model), "lora_r": 4},
+        "reward": reward,
+        "data": {"dataset": "detoxrl:heated_dialogsum", "max_prompt_tokens": 32},
+        "generation": {"max_new_tokens": 3},
+        "rl": {"steps": 1, "batch_size": 2, "mini_batch_size": 2},
+        "eval": {"enabled": False},
+        "report_to": [],
+        "device": "cpu",
+        "threads": 1,  # tiny matrices: a second thread only waits, and on busy cores it waits long
+        "output_dir": str(output_dir),
+    }
+    for key, value in dotted.items():
+        *sections, leaf = key.split(".")
+        node = settings
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return settings
+
+
+def tiny_run_config(model: Path | str, output_dir: Path | str, classifier: Path | str | None = None,
+                    **dotted) -> Config:
+    """``tiny_run_settings`` as a Config."""
+    return build_config(overrides=tiny_run_settings(model, output_dir, classifier, **dotted))
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``python -m detoxrl.cli`` child: offline, with tests/ importable (``THANKS_REWARD``)."""
+    import os
+
+    path = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
