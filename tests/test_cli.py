@@ -39,8 +39,8 @@ def test_train_then_evaluate_end_to_end(tmp_path, tiny_t5, tiny_classifier, run_
     assert load_file(run / "adapter" / "value_head.safetensors")["summary.weight"].shape[1] == 32
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2]
-    for key in ("objective/kl", "ppo/returns/mean", "ppo/policy/advantages_mean", "env/reward_mean",
-                "env/response_length_mean", "objective/entropy", "ppo/policy/clipfrac", "time/total"):
+    for key in ("objective/kl", "ppo/returns/mean", "policy/advantages_mean", "env/reward_mean",
+                "env/response_length_mean", "objective/entropy", "policy/clipfrac", "time/total"):
         assert key in history[0], key
     metrics = json.loads((run / "metrics.json").read_text())
     evaluators = metrics["evaluation"]["evaluators"]

@@ -54,6 +54,7 @@ def test_generation_logprobs_match_the_sampling_distribution(model, request):
     """Log-probs reused from generation equal a teacher-forced pass under the same transform,
     with temperature and min_new_tokens (the settings that gave the old stack negative KL)."""
     policy = load_policy(ModelConfig(name_or_path=str(request.getfixturevalue(model))))
+    policy.add_value_head()
     perturb_adapter(policy)
     settings = GenerationConfig(max_new_tokens=8, min_new_tokens=4, temperature=0.7)
     rollout = generate(policy, policy.model, PROMPTS, settings, 64, [11, 12], policy.module.value_head)
@@ -68,8 +69,33 @@ def test_generation_logprobs_match_the_sampling_distribution(model, request):
     assert torch.isfinite(ref).all()
 
 
+def test_model_generation_config_does_not_leak_into_sampling(tiny_llama, tmp_path):
+    """A model whose generation_config.json penalises repetition, bans n-gram repeats and suppresses
+    tokens: the recorded log-probs must still be those of the plain distribution that training uses."""
+    import shutil
+
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    path = tmp_path / "penalised"
+    shutil.copytree(tiny_llama, path)
+    HFGenerationConfig(repetition_penalty=1.5, no_repeat_ngram_size=1, suppress_tokens=[5, 6, 7],
+                       bad_words_ids=[[8]], eos_token_id=1, pad_token_id=0, bos_token_id=3).save_pretrained(path)
+    policy = load_policy(ModelConfig(name_or_path=str(path)))
+    assert policy.model.generation_config.repetition_penalty == 1.5  # the model really carries the settings
+    perturb_adapter(policy)
+    settings = GenerationConfig(max_new_tokens=12, temperature=1.0)
+    rollout = generate(policy, policy.model, PROMPTS * 4, settings, 64, list(range(8)))
+    with torch.no_grad():
+        out = policy.module(rollout.query_ids, rollout.query_mask, rollout.response_ids)
+    expected = logprobs_from_logits(sampling_logits(out.logits, 1.0, 0, policy.eos_token_ids), rollout.response_ids)
+    torch.testing.assert_close(rollout.logprobs, expected * rollout.mask, atol=1e-4, rtol=1e-4)
+    assert policy.model.generation_config.repetition_penalty == 1.5  # the model's own config is restored
+
+
 def test_save_and_reload(tiny_llama, tmp_path):
     policy = load_policy(ModelConfig(name_or_path=str(tiny_llama)))
+    assert policy.module.value_head is None  # a critic is built only when PPO asks for one
+    policy.add_value_head()
     perturb_adapter(policy)
     with torch.no_grad():
         policy.module.value_head.summary.bias.fill_(0.25)

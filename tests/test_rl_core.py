@@ -1,4 +1,4 @@
-"""The PPO math in detoxrl.rl.core, checked against values worked out by hand."""
+"""The math of detoxrl.rl (shared core, PPO, RLOO, GRPO), checked against values worked out by hand."""
 
 import math
 
@@ -8,18 +8,20 @@ import torch
 from detoxrl.rl.core import (
     AdaptiveKLController,
     FixedKLController,
+    aggregate_loss,
     entropy_from_logits,
-    explained_variance,
-    gae_advantages,
-    kl_penalised_rewards,
+    k3_kl,
     logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
-    ppo_losses,
     response_mask,
     sampling_logits,
+    sequence_kl,
 )
+from detoxrl.rl.grpo import group_normalised_advantages, grpo_losses
+from detoxrl.rl.ppo import explained_variance, gae_advantages, kl_penalised_rewards, ppo_losses
+from detoxrl.rl.rloo import leave_one_out_advantages
 
 
 def close(actual, expected, tol=1e-5):
@@ -49,8 +51,16 @@ def test_masked_mean_of_nothing_is_zero_not_nan():
 
 def test_masked_var_by_hand():
     # mean 7/3; squared deviations 16/9, 1/9, 25/9 -> sum 42/9 = 14/3
-    close(masked_var(X, M, unbiased=False), (14 / 3) / 3)
-    close(masked_var(X, M, unbiased=True), (14 / 3) / 2)
+    close(masked_var(X, M), (14 / 3) / 2)  # unbiased
+
+
+def test_mean_reduced_over_processes_equals_one_process_holding_all():
+    # Process 0 holds row 0 of X, process 1 row 1; ``reduce`` adds the other's (sum, count) as all-reduce would.
+    def reduce_with(other_x, other_m):
+        return lambda totals: totals + torch.stack([(other_x * other_m).sum(), other_m.sum()]).double()
+
+    close(masked_mean(X[:1], M[:1], reduce=reduce_with(X[1:], M[1:])), masked_mean(X, M))
+    close(masked_mean(X[1:], M[1:], reduce=reduce_with(X[:1], M[:1])), masked_mean(X, M))
 
 
 def test_masked_whiten_real_tokens_and_zero_padding():
@@ -61,13 +71,6 @@ def test_masked_whiten_real_tokens_and_zero_padding():
     assert (out[M == 0] == 0).all()
     close(masked_mean(out, M), 0.0)
     close(masked_var(out, M), 1.0, tol=1e-4)
-
-
-def test_masked_whiten_without_shifting_keeps_the_mean():
-    out = masked_whiten(X, M, shift_mean=False)
-    std = math.sqrt(7 / 3)
-    expected = [[(1 - 7 / 3) / std + 7 / 3, (2 - 7 / 3) / std + 7 / 3, 0.0], [(4 - 7 / 3) / std + 7 / 3, 0.0, 0.0]]
-    close(out, expected, tol=1e-4)
 
 
 # ---------------------------------------------------------------- log-probs and entropy
@@ -279,7 +282,7 @@ def test_ppo_equal_logprobs_give_zero_kl_and_no_clipping():
     close(out.value_loss, 0.0)
 
 
-def test_ppo_num_tokens_overrides_the_divisor():
+def test_ppo_divisor_overrides_the_token_count():
     # Same tokens as _ppo_case, but divided by 8 (e.g. the token count of the whole mini-batch
     # over all processes) instead of this shard's 4 real tokens: sums / 8.
     old = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -3.0]])
@@ -288,7 +291,7 @@ def test_ppo_num_tokens_overrides_the_divisor():
     values = torch.tensor([[1.0, 0.1, -0.5, 0.0, 50.0]])
     returns = torch.tensor([[1.0, 1.0, 1.0, 0.0, -50.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
-    out = ppo_losses(logprobs, old, values, torch.zeros(1, 5), adv, returns, mask, 0.2, 0.2, 0.1, num_tokens=8.0)
+    out = ppo_losses(logprobs, old, values, torch.zeros(1, 5), adv, returns, mask, 0.2, 0.2, 0.1, divisor=8.0)
     close(out.policy_loss, (-1.2 - 1.0 + 3.0 + 1.6) / 8)
     close(out.value_loss, 0.5 * (0.64 + 0.81 + 2.25) / 8)
     close(out.loss, 2.4 / 8 + 0.1 * 0.5 * 3.7 / 8)
@@ -371,3 +374,82 @@ def test_sampling_logits_from_bfloat16_are_float32():
     assert out.dtype == torch.float32
     assert out[0, 0, 0].item() == 2.0 and out[0, 0, 1].item() == float("-inf")
     assert logits[0, 0, 1].item() == 2.0
+
+
+# ---------------------------------------------------------------- shared pieces of the critic-free losses
+
+
+def test_entropy_is_finite_when_tokens_are_banned_with_minus_infinity():
+    logits = torch.tensor([[[0.0, 0.0, float("-inf")]]])  # EOS banned before min_new_tokens
+    close(entropy_from_logits(logits), [[math.log(2)]])
+
+
+def test_sequence_kl_sums_real_tokens():
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0]])
+    close(sequence_kl(logprobs, ref, torch.tensor([[1.0, 1.0, 0.0]])), [0.5 - 1.0])
+
+
+def test_k3_kl_by_hand_and_never_negative():
+    logprobs = torch.tensor([-1.0, -2.0, -3.0])
+    ref = torch.tensor([-2.0, -2.0, -1.0])
+    # r = ref - logp: -1, 0, 2 -> e^r - r - 1
+    close(k3_kl(logprobs, ref), [math.exp(-1) + 1 - 1, 0.0, math.exp(2) - 2 - 1])
+    assert (k3_kl(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_aggregate_loss_token_and_sequence_normalisation_by_hand():
+    per_token = torch.tensor([[1.0, 3.0, 100.0], [6.0, 100.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    close(aggregate_loss(per_token, mask, "token"), (1 + 3 + 6) / 3)
+    close(aggregate_loss(per_token, mask, "sequence"), ((1 + 3) / 2 + 6) / 2)
+    close(aggregate_loss(per_token, mask, "token", divisor=5.0), 10 / 5)
+    close(aggregate_loss(per_token, mask, "sequence", divisor=4.0), 8 / 4)
+
+
+# ---------------------------------------------------------------- RLOO
+
+
+def test_leave_one_out_advantages_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, k = 3
+    # prompt 0: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5; prompt 1: -1.5, -1.5, 3
+    close(leave_one_out_advantages(rewards, 3), [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+
+
+def test_leave_one_out_with_equal_rewards_gives_no_signal():
+    close(leave_one_out_advantages(torch.full((4,), 2.5), 2), [0.0] * 4)
+
+
+def test_leave_one_out_refuses_partial_groups():
+    with pytest.raises(ValueError, match="groups of k=2"):
+        leave_one_out_advantages(torch.zeros(3), 2)
+    with pytest.raises(ValueError):
+        leave_one_out_advantages(torch.zeros(3), 1)
+
+
+# ---------------------------------------------------------------- GRPO
+
+
+def test_group_normalised_advantages_by_hand():
+    scores = torch.tensor([1.0, 3.0, 5.0, 5.0])  # k = 2: groups (1, 3) and (5, 5)
+    close(group_normalised_advantages(scores, 2, scale=False), [-1.0, 1.0, 0.0, 0.0])
+    std = math.sqrt(2.0)  # unbiased std of (1, 3)
+    close(group_normalised_advantages(scores, 2, scale=True), [-1 / (std + 1e-4), 1 / (std + 1e-4), 0.0, 0.0])
+
+
+def test_grpo_loss_is_surrogate_plus_weighted_k3_by_hand():
+    old = torch.tensor([[-1.0, -1.0, -1.0]])
+    logprobs = torch.tensor([[-1.0, -1.0 + math.log(1.5), -7.0]], requires_grad=True)
+    ref = torch.tensor([[-2.0, -1.0 + math.log(1.5), 0.0]])
+    advantages = torch.tensor([[2.0, 2.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, stats = grpo_losses(logprobs, old, ref, advantages, mask, cliprange=0.2, kl_coef=0.5)
+    surrogate = (-2.0 * 1.0 + -2.0 * 1.2) / 2  # ratio 1; ratio 1.5 clipped to 1.2 (A > 0)
+    kl = (math.exp(-1) + 1 - 1 + 0.0) / 2  # k3 with r = -1 and r = 0
+    close(stats["loss/policy"], surrogate)
+    close(stats["loss/kl"], kl)
+    close(loss, surrogate + 0.5 * kl)
+    close(stats["policy/clipfrac"], 0.5)
+    loss.backward()
+    # t0: d/dlogp [-A r] = -2 * 1 / 2 = -1; k3 gradient 0.5 * (1 - e^r) / 2 at r = -1; t1 clipped, k3 grad 0
+    close(logprobs.grad, [[-1.0 + 0.5 * (1 - math.exp(-1)) / 2, 0.0, 0.0]])

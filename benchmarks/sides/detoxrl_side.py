@@ -48,7 +48,7 @@ def main() -> None:
             "rl.steps": steps,
             "rl.batch_size": s.batch_size,
             "rl.mini_batch_size": s.mini_batch_size,
-            "rl.ppo_epochs": 1,
+            "rl.update_epochs": 1,
             "rl.gradient_accumulation_steps": 1,
             "rl.learning_rate": common.LEARNING_RATE,
             "device": "cpu",

@@ -19,6 +19,9 @@ import yaml
 from .errors import DetoxError
 
 RECIPE_PROMPT = "Summarize the following conversation.\n\n{text}\n\nSummary:\n"
+# The non-toxic class of the recipe's classifier (facebook/roberta-hate-speech-dynabench-r4-target): the
+# rewarded class of the reward classifier and the non-toxic class of classifier evaluators, unless set.
+NONTOXIC_LABEL = "nothate"
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -50,7 +53,7 @@ class ModelConfig:
 class RewardConfig:
     scorer: str = _f("classifier", "classifier | hatesonar | profanity-check | callable")
     model: str = _f("facebook/roberta-hate-speech-dynabench-r4-target", "Classifier hub id or path.")
-    label: str = _f("nothate", "Rewarded (non-toxic) class of the classifier, by label name.")
+    label: str = _f(NONTOXIC_LABEL, "Rewarded (non-toxic) class of the classifier, by label name.")
     transform: str = _f("logit", "Classifier reward: logit (the recipe) | log_odds | prob.")
     function: str | None = _f(None, "module:function returning one reward per text (scorer=callable).")
     score_query: bool = _f(False, "Score query + response together, as the recipe did.")
@@ -82,25 +85,35 @@ class GenerationConfig:
 
 @dataclass
 class RLConfig:
-    steps: int = _f(10, "PPO steps (one batch of rollouts each).")
+    algorithm: str = _f("ppo", "ppo (learned critic) | rloo (leave-one-out baseline) | grpo (group-normalised).")
+    steps: int = _f(10, "Training steps (one batch of rollouts each).")
     learning_rate: float = _f(1.41e-5, "Adam learning rate.")
     lr_scheduler: str = _f("constant", "transformers scheduler name: constant, linear, cosine, ...")
-    batch_size: int = _f(16, "Rollouts per PPO step, over all processes.")
+    batch_size: int = _f(16, "Rollouts per step over all processes (prompts x samples_per_prompt).")
+    samples_per_prompt: int = _f(1, "Responses sampled per prompt (k); rloo and grpo need at least 2.")
     mini_batch_size: int = _f(4, "Rollouts per optimiser step, over all processes.")
-    ppo_epochs: int = _f(1, "Passes over each batch of rollouts.")
+    update_epochs: int = _f(1, "Passes over each batch of rollouts.")
     gradient_accumulation_steps: int = _f(1, "Mini-batches accumulated per optimiser step.")
-    gamma: float = _f(1.0, "Discount.")
-    lam: float = _f(0.95, "GAE lambda.")
     cliprange: float = _f(0.2, "Policy ratio clip.")
-    cliprange_value: float = _f(0.2, "Value clip.")
-    vf_coef: float = _f(0.1, "Value loss weight.")
-    init_kl_coef: float = _f(0.2, "Initial KL penalty coefficient.")
+    init_kl_coef: float = _f(0.2, "KL coefficient: per-token reward penalty (ppo), sequence reward penalty (rloo), "
+                                  "loss weight (grpo).")
     adaptive_kl: bool = _f(True, "Adapt the KL coefficient towards target_kl.")
     target_kl: float = _f(6.0, "Target KL per response for the adaptive controller.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    whiten_advantages: bool = _f(True, "Normalise advantages per batch.")
-    value_head_lr_scale: float = _f(1.0, "Value head learning rate relative to learning_rate.")
+    whiten_advantages: bool | None = _f(None, "Normalise advantages per batch (default: yes for ppo, no for rloo).")
+    loss_normalization: str = _f("token", "token (mean over all tokens) | sequence (mean per response, then over "
+                                          "responses).")
+    scale_rewards: bool = _f(True, "grpo: divide advantages by the group's standard deviation.")
+    gamma: float = _f(1.0, "ppo: discount.")
+    lam: float = _f(0.95, "ppo: GAE lambda.")
+    cliprange_value: float = _f(0.2, "ppo: value clip.")
+    vf_coef: float = _f(0.1, "ppo: value loss weight.")
+    value_head_lr_scale: float = _f(1.0, "ppo: value head learning rate relative to learning_rate.")
+
+
+ALGORITHMS = ("ppo", "rloo", "grpo")
+CRITIC_SETTINGS = ("gamma", "lam", "cliprange_value", "vf_coef", "value_head_lr_scale")
 
 
 @dataclass
@@ -109,11 +122,31 @@ class EvalConfig:
     evaluators: list[str] = _f(
         ["hatesonar"], "Held-out scorers: hatesonar, profanity-check, or a classifier id/path."
     )
-    nontoxic_label: str = _f("nothate", "Non-toxic label of classifier evaluators.")
+    nontoxic_label: str = _f(NONTOXIC_LABEL, "Non-toxic label of classifier evaluators.")
     samples_per_prompt: int = _f(1, "Responses per prompt and model.")
     max_prompts: int | None = _f(None, "Evaluate at most this many test prompts.")
-    threshold: float = _f(0.5, "A text is toxic when its toxicity exceeds this.")
+    threshold: float = _f(0.5, "A text is toxic when its toxicity is at least this (>=, as in the literature).")
     batch_size: int = _f(16, "Prompts per generation batch.")
+    fluency_model: str | None = _f(
+        None, "Extra language model (hub id or path) that scores the responses' perplexity; remote code stays off."
+    )
+    group_column: str | None = _f(
+        None, "Dataset column whose values split the quality metrics per group (e.g. heated)."
+    )
+
+
+@dataclass
+class SFTConfig:
+    """``detoxrl sft``: supervised LoRA fine-tuning on (prompt, data.reference_column) pairs."""
+
+    epochs: float = _f(1.0, "Passes over the training split.")
+    max_steps: int = _f(0, "Stop after this many optimiser steps (0: run all epochs).")
+    learning_rate: float = _f(2e-4, "AdamW learning rate.")
+    lr_scheduler: str = _f("linear", "transformers scheduler name: linear, cosine, constant, ...")
+    batch_size: int = _f(8, "Pairs per optimiser step (per process, before accumulation).")
+    gradient_accumulation_steps: int = _f(1, "Batches accumulated per optimiser step.")
+    max_target_tokens: int = _f(128, "Targets are truncated to this many tokens (EOS included).")
+    evaluate: bool = _f(True, "Compare ROUGE of the adapter and the base model on the test split.")
 
 
 @dataclass
@@ -124,6 +157,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     output_dir: str = _f("outputs/run", "Where the adapter, metrics and report are written.")
     seed: int = _f(0, "Random seed.")
     report_to: list[str] = _f(["tensorboard"], "accelerate trackers (tensorboard, wandb, ...) or none.")
@@ -136,13 +170,30 @@ class Config:
     def validate(self) -> None:
         """Refuse settings that cannot work, with the reason, before anything is loaded."""
         p, g = self.rl, self.generation
-        for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "gradient_accumulation_steps"):
+        if p.algorithm not in ALGORITHMS:
+            raise DetoxError(f"rl.algorithm must be one of {', '.join(ALGORITHMS)}, got {p.algorithm!r}")
+        for name in ("steps", "batch_size", "samples_per_prompt", "mini_batch_size", "update_epochs",
+                     "gradient_accumulation_steps"):
             if getattr(p, name) < 1:
                 raise DetoxError(f"rl.{name} must be at least 1, got {getattr(p, name)}")
         if p.batch_size % p.mini_batch_size:
             raise DetoxError(
                 f"rl.batch_size ({p.batch_size}) must be divisible by rl.mini_batch_size ({p.mini_batch_size})"
             )
+        if p.algorithm != "ppo":
+            if p.samples_per_prompt < 2:
+                raise DetoxError(f"rl.algorithm {p.algorithm} compares the responses to one prompt, so "
+                                 f"rl.samples_per_prompt must be at least 2, got {p.samples_per_prompt}")
+            defaults = RLConfig()
+            given = [n for n in CRITIC_SETTINGS if getattr(p, n) != getattr(defaults, n)]
+            if given:
+                raise DetoxError(f"rl.{given[0]} configures the value head, which rl.algorithm {p.algorithm} does "
+                                 "not have; remove it or use rl.algorithm ppo")
+        if p.batch_size % p.samples_per_prompt:
+            raise DetoxError(f"rl.batch_size ({p.batch_size}) must be divisible by rl.samples_per_prompt "
+                             f"({p.samples_per_prompt}): each step samples batch_size / k prompts k times")
+        if p.loss_normalization not in ("token", "sequence"):
+            raise DetoxError(f"rl.loss_normalization must be token or sequence, got {p.loss_normalization!r}")
         if not p.learning_rate > 0:  # also refuses NaN
             raise DetoxError(f"rl.learning_rate must be positive, got {p.learning_rate}")
         sizes = {
@@ -190,12 +241,23 @@ class Config:
             raise DetoxError(f"eval.samples_per_prompt must be at least 1, got {self.eval.samples_per_prompt}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise DetoxError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        t = self.sft
+        for name in ("batch_size", "gradient_accumulation_steps", "max_target_tokens"):
+            if getattr(t, name) < 1:
+                raise DetoxError(f"sft.{name} must be at least 1, got {getattr(t, name)}")
+        if t.max_steps < 0 or (t.max_steps == 0 and not t.epochs > 0):
+            raise DetoxError(f"sft.epochs must be positive (or sft.max_steps set), got epochs {t.epochs} and "
+                             f"max_steps {t.max_steps}")
+        if not t.learning_rate > 0:
+            raise DetoxError(f"sft.learning_rate must be positive, got {t.learning_rate}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from .rundir import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 PRESETS = ("smollm2-offline", "flan-t5-dialogsum")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -78,7 +79,13 @@ def convert_gguf(location: str, gguf_file: str, cache_dir: str | None) -> Path:
 
 
 def resolve_model_location(config: ModelConfig) -> str:
-    """A loadable directory or hub id; GGUF files are converted (and cached) first."""
+    """A loadable directory or hub id; GGUF files are converted (and cached) first.
+
+    With no ``name_or_path``, the base that ``config.adapter`` records is loaded.
+    """
+    if not config.name_or_path and config.adapter:
+        recorded = recorded_base(config.adapter)
+        config = ModelConfig(name_or_path=recorded.name_or_path, gguf_file=recorded.gguf_file, cache_dir=config.cache_dir)
     name, gguf_file = config.name_or_path, config.gguf_file
     if name.startswith(PACKAGE_PREFIX):
         name = resolve_package_file(name)
@@ -90,6 +97,39 @@ def resolve_model_location(config: ModelConfig) -> str:
     if gguf_file:
         return str(convert_gguf(name, gguf_file, config.cache_dir))
     return name
+
+
+def portable_base(config: ModelConfig) -> str:
+    """The base model as the user named it, for adapter_config.json: not the local GGUF cache.
+
+    Hub ids and ``pkg://`` files stay as given, local paths become absolute, and a GGUF file in a
+    directory or hub repo is written as ``name/file.gguf``; :func:`recorded_base` reads it back.
+    """
+    name = config.name_or_path
+    if not name.startswith(PACKAGE_PREFIX) and Path(name).expanduser().exists():
+        name = str(Path(name).expanduser().resolve())
+    return f"{name.rstrip('/')}/{config.gguf_file}" if config.gguf_file else name
+
+
+def recorded_base(adapter: str | Path) -> ModelConfig:
+    """The base an adapter names in adapter_config.json, as settings that load it again."""
+    try:
+        name = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DetoxError(f"{adapter} names no base model (adapter_config.json is missing or unreadable)") from exc
+    if not name:
+        raise DetoxError(f"{adapter} names no base model (base_model_name_or_path is empty in adapter_config.json)")
+    parts = name.split("/")
+    if name.endswith(".gguf") and len(parts) == 3 and not name.startswith(PACKAGE_PREFIX) and not Path(name).exists():
+        return ModelConfig(name_or_path="/".join(parts[:2]), gguf_file=parts[2])  # hub repo + GGUF file
+    return ModelConfig(name_or_path=name)
+
+
+def save_adapter_naming_base(model: PeftModel, directory: str | Path, config: ModelConfig) -> None:
+    """``model.save_pretrained``, with the base recorded portably (see :func:`portable_base`)."""
+    for adapter_config in model.peft_config.values():
+        adapter_config.base_model_name_or_path = portable_base(config)
+    model.save_pretrained(directory)
 
 
 class ValueHead(nn.Module):
@@ -111,10 +151,10 @@ class ForwardOutput:
     values: torch.Tensor | None  # [B, T]
 
 
-class PolicyWithValueHead(nn.Module):
-    """One module holding the PEFT model and the value head, so DDP and optimisers see both."""
+class PolicyModule(nn.Module):
+    """One module holding the PEFT model and, for PPO, the value head, so DDP and optimisers see both."""
 
-    def __init__(self, model: PeftModel, value_head: ValueHead):
+    def __init__(self, model: PeftModel, value_head: ValueHead | None = None):
         super().__init__()
         self.model, self.value_head = model, value_head
 
@@ -127,9 +167,8 @@ class PolicyWithValueHead(nn.Module):
         query_ids: torch.Tensor,
         query_mask: torch.Tensor,
         response_ids: torch.Tensor,
-        with_values: bool = True,
     ) -> ForwardOutput:
-        return forward_response(self.model, query_ids, query_mask, response_ids, self.value_head if with_values else None)
+        return forward_response(self.model, query_ids, query_mask, response_ids, self.value_head)
 
 
 def forward_response(
@@ -175,7 +214,7 @@ class Policy:
 
     def __init__(
         self,
-        module: PolicyWithValueHead,
+        module: PolicyModule,
         tokenizer,
         config: ModelConfig,
         reference: nn.Module | None = None,
@@ -241,15 +280,22 @@ class Policy:
             with self.model.disable_adapter():
                 yield self.model
 
+    def add_value_head(self) -> ValueHead:
+        """A fresh value head (PPO's critic), unless one was restored with the adapter."""
+        if self.module.value_head is None:
+            self.module.value_head = ValueHead(hidden_size(self.model.config))
+        return self.module.value_head
+
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
-        self.model.save_pretrained(directory)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.module.value_head.state_dict().items()},
-                  directory / VALUE_HEAD_FILE)
+        save_adapter_naming_base(self.model, directory, self.config)
+        if self.module.value_head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.module.value_head.state_dict().items()},
+                      directory / VALUE_HEAD_FILE)
         self.tokenizer.save_pretrained(directory)
 
 
-def _hidden_size(config) -> int:
+def hidden_size(config) -> int:
     for key in ("hidden_size", "d_model", "n_embd"):
         if getattr(config, key, None):
             return int(getattr(config, key))
@@ -266,10 +312,10 @@ def load_base(location: str, trust_remote_code: bool) -> nn.Module:
 
 
 def load_policy(config: ModelConfig, adapter: str | Path | None = None) -> Policy:
-    """Base model + a fresh LoRA (or an existing adapter, made trainable) + value head.
+    """Base model + a fresh LoRA (or an existing adapter, made trainable).
 
-    ``adapter`` (a saved detoxrl adapter directory) overrides ``config.adapter`` and also
-    restores its value head.
+    ``adapter`` (a saved detoxrl adapter directory) overrides ``config.adapter``; a value head
+    saved with it (PPO runs) is restored too.
     """
     location = resolve_model_location(config)
     base = load_base(location, config.trust_remote_code)
@@ -295,15 +341,16 @@ def load_policy(config: ModelConfig, adapter: str | Path | None = None) -> Polic
             model = get_peft_model(base, lora)
         except ValueError as exc:
             raise DetoxError(f"cannot add LoRA to this model: {exc}; set model.target_modules") from exc
-    value_head = ValueHead(_hidden_size(base.config))
+    value_head = None
     head_file = Path(adapter) / VALUE_HEAD_FILE if adapter else None
     if head_file is not None and head_file.is_file():
+        value_head = ValueHead(hidden_size(base.config))
         value_head.load_state_dict(load_file(head_file))
     reference = None
     if config.reference:
         reference = load_base(resolve_model_location(ModelConfig(name_or_path=config.reference)),
                               config.trust_remote_code).eval().requires_grad_(False)
-    module = PolicyWithValueHead(model, value_head).eval()
+    module = PolicyModule(model, value_head).eval()
     return Policy(module, tokenizer, config, reference)
 
 

@@ -1,21 +1,11 @@
 """``detoxrl train``: load everything, run PPO, save the adapter, then evaluate before/after.
 
-Output directory layout::
-
-    config.yaml        the resolved configuration (written first)
-    checkpoints/       step-N/ (atomic, the last save_total_limit kept)
-    logs/              TensorBoard event files
-    history.jsonl      per-step statistics
-    adapter/           LoRA adapter + value head (safetensors) + tokenizer
-    metrics.json       written last: a run without it did not finish
+The output directory's layout is described in :mod:`detoxrl.rundir`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -29,52 +19,15 @@ from .data import build_splits
 from .errors import DetoxError
 from .policy import load_policy
 from .rl import checkpoint
-from .rl.trainer import RLTrainer, write_history
+from .rl.trainer import RLTrainer, build_accelerator
 from .rewards import build_reward
+from .rundir import RunDir, atomic_write_dir, atomic_write_json, prepare_output_dir, remove_partial_run, write_history
 
 logger = logging.getLogger(__name__)
 
-FINAL_FILE = "metrics.json"
-
-
-def make_accelerator(config: Config) -> Accelerator:
-    if config.device and config.device.startswith("cuda:"):
-        torch.cuda.set_device(int(config.device.split(":")[1]))
-    trackers = [t for t in config.report_to if t and t != "none"]
-    return Accelerator(
-        cpu=config.device == "cpu",
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.rl.gradient_accumulation_steps,
-        log_with=trackers or None,
-        project_dir=str(Path(config.output_dir) / "logs"),
-    )
-
-
-def prepare_output_dir(config: Config, resume: bool) -> tuple[bool, bool]:
-    """Refuse to overwrite a finished or foreign run.
-
-    Returns (created, was_empty): whether we created the directory, and whether it existed but was empty.
-    """
-    out = Path(config.output_dir)
-    if (out / FINAL_FILE).exists():
-        raise DetoxError(f"{out} already holds a finished run; choose another --output_dir")
-    if out.exists() and not out.is_dir():
-        raise DetoxError(f"--output_dir {out} is a file, not a directory")
-    created = not out.exists()
-    try:
-        was_empty = not created and not any(out.iterdir())
-    except OSError as exc:
-        raise DetoxError(f"cannot read output directory {out}: {exc.strerror or exc}") from exc
-    if not created and not resume and not was_empty:
-        raise DetoxError(f"{out} is not empty; pass --resume to continue its run or choose another --output_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise DetoxError(f"cannot write to output directory {out}: {exc.strerror or exc}") from exc
-    return created, was_empty
+# A model without a limit on positions (T5's relative positions) could in principle generate forever;
+# more new tokens than this is taken for a typo rather than run until memory runs out.
+MAX_NEW_TOKENS_WITHOUT_POSITION_LIMIT = 65536
 
 
 def flat_hparams(config: Config) -> dict[str, float | str | bool]:
@@ -91,55 +44,43 @@ def flat_hparams(config: Config) -> dict[str, float | str | bool]:
 def train(config: Config, resume: bool = False) -> Path:
     """Train, save and evaluate; returns the run directory."""
     config.validate()
-    accelerator = make_accelerator(config)
+    accelerator = build_accelerator(config)
     out = Path(config.output_dir)
-    created, was_empty = prepare_output_dir(config, resume) if accelerator.is_main_process else (False, False)
+    created, was_empty = prepare_output_dir(out, resume) if accelerator.is_main_process else (False, False)
     accelerator.wait_for_everyone()
     try:
         return _train(config, accelerator, resume)
     except BaseException:
         # Nothing the user made is lost: without a checkpoint or a saved adapter, remove only what this run wrote
         # (the directory if we created it, its contents if it was empty), so the same command can be run again.
-        keep = checkpoint.list_checkpoints(out / "checkpoints") or (out / "adapter").is_dir()
+        run = RunDir(out)
+        keep = checkpoint.list_checkpoints(run.checkpoints) or run.adapter.is_dir()
         if (created or was_empty) and not keep:  # a trained adapter or a checkpoint is never thrown away
             remove_partial_run(out, keep_directory=not created)
         raise
 
 
-def remove_partial_run(out: Path, keep_directory: bool) -> None:
-    """Delete what a failed run wrote: the whole directory, or only its contents (best effort)."""
-    if not keep_directory:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    try:
-        for child in out.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
 def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     out = Path(config.output_dir)
+    run = RunDir(out)
     started = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
     set_seed(config.seed)
     main = accelerator.is_main_process
     if main:
-        config.save(out / "config.yaml")
+        config.save(run.config)
 
     train_rows, test_rows = build_splits(config.data, config.seed)
     reward = build_reward(config.reward, str(accelerator.device), config.model.trust_remote_code)
     policy = load_policy(config.model)
+    check_generation_fits(config, policy.model.config)
     trainer = RLTrainer(config, policy, reward, list(train_rows["prompt"]), accelerator)
 
     if resume:
-        found = checkpoint.latest(out / "checkpoints")
+        found = checkpoint.latest(run.checkpoints)
         if found is None:
-            logger.warning("no checkpoint in %s; starting from step 0", out / "checkpoints")
+            logger.warning("no checkpoint in %s; starting from step 0", run.checkpoints)
         else:
             trainer.load_checkpoint(found)
             logger.info("resumed from %s (step %d)", found, trainer.step_count)
@@ -159,7 +100,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
             s=f"{stats['time/total']:.1f}",
         )
         if main:
-            write_history(trainer.history, out / "history.jsonl")
+            write_history(trainer.history, run.history)
 
     try:
         trainer.train(on_step)
@@ -168,7 +109,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     train_seconds = time.time() - started
 
     if main:
-        save_adapter(policy, out / "adapter")
+        save_adapter(policy, run.adapter)
     accelerator.wait_for_everyone()
 
     metrics = {
@@ -190,32 +131,56 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
         )
     metrics["run"]["wall_seconds"] = round(time.time() - started, 1)
     if main:
-        # Written last, atomically: its presence marks a finished run.
-        tmp = out / f".{FINAL_FILE}.tmp"
-        try:
-            tmp.write_text(json.dumps(metrics, indent=2, default=float))
-            os.replace(tmp, out / FINAL_FILE)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise DetoxError(f"could not write {out / FINAL_FILE}: {exc.strerror or exc}") from exc
+        atomic_write_json(run.metrics, metrics)  # written last: its presence marks a finished run
     accelerator.wait_for_everyone()
     accelerator.end_training()  # flushes trackers; also ends the process group, so it comes last
     return out
 
 
 def save_adapter(policy, target: Path) -> None:
-    """Write the adapter next to ``target`` and rename it into place: never a half-written adapter/."""
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        policy.save_pretrained(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise DetoxError(f"could not save the adapter to {target}: {exc.strerror or exc}") from exc
+    """Never a half-written adapter/: it is written next to ``target`` and renamed into place."""
+    atomic_write_dir(target, policy.save_pretrained, what="the adapter")
+
+
+def context_limit(model_config) -> int | None:
+    """The most positions the model can attend to, or None for relative positions (T5) without a limit."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_generation_fits(config: Config, model_config) -> None:
+    """Refuse, before any work, prompts plus responses longer than the model's context.
+
+    A decoder-only model reads the prompt and its response in one sequence of at most ``context_limit``
+    positions; an encoder-decoder reads the prompt in its encoder and writes the response in its decoder,
+    each within the limit. Without a limit, only an absurd ``max_new_tokens`` is refused.
+    """
+    new, prompt = config.generation.max_new_tokens, config.data.max_prompt_tokens
+    limit = context_limit(model_config)
+    name = config.model.name_or_path
+    if limit is None:
+        if new > MAX_NEW_TOKENS_WITHOUT_POSITION_LIMIT:
+            raise DetoxError(
+                f"generation.max_new_tokens ({new}) is more than {MAX_NEW_TOKENS_WITHOUT_POSITION_LIMIT}; "
+                f"model {name} has no fixed context length, but responses this long are surely a mistake"
+            )
+        return
+    if model_config.is_encoder_decoder:
+        for setting, value in (("generation.max_new_tokens", new), ("data.max_prompt_tokens", prompt)):
+            if value > limit:
+                raise DetoxError(f"{setting} ({value}) is more than model {name} can handle: {limit} positions")
+        return
+    if prompt + new > limit:
+        raise DetoxError(
+            f"data.max_prompt_tokens ({prompt}) + generation.max_new_tokens ({new}) = {prompt + new} tokens do not "
+            f"fit the context of model {name}: {limit} positions; lower one of them"
+        )
 
 
 def references(rows, config: Config) -> list[str] | None:
     column = config.data.reference_column
     return list(rows[column]) if column and column in rows.column_names else None
+

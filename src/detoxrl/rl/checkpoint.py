@@ -11,17 +11,15 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import DetoxError
-
-if TYPE_CHECKING:
-    from .trainer import RLTrainer
 
 PREFIX = "step-"
 COMPLETE = "state.json"
@@ -69,27 +67,31 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((version, tuple(internal), gauss_py))
 
 
-def trainable_state(trainer: "RLTrainer") -> dict[str, torch.Tensor]:
-    module = trainer.accelerator.unwrap_model(trainer.module)
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save(trainer: "RLTrainer", root: Path, keep: int) -> Path:
-    """Write ``root/step-N`` atomically (every rank its RNG; rank 0 the rest); keep the last ``keep``."""
-    target = root / f"{PREFIX}{trainer.step_count:07d}"
-    staging = root / f".tmp-{PREFIX}{trainer.step_count:07d}"
+def save(
+    root: Path, keep: int, accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
+    state: dict[str, Any],
+) -> Path:
+    """Write ``root/step-N`` atomically (every rank its RNG; rank 0 the rest); keep the last ``keep``.
+
+    ``state`` is the trainer's JSON-serialisable state and must hold ``step``.
+    """
+    target = root / f"{PREFIX}{state['step']:07d}"
+    staging = root / f".tmp-{PREFIX}{state['step']:07d}"
     try:
-        return _save(trainer, root, keep, target, staging)
+        return _save(root, keep, target, staging, accelerator, module, optimizer, scheduler, state)
     except OSError as exc:  # e.g. disk full: drop the partial copy, keep the earlier checkpoints
-        if trainer.accelerator.is_main_process:
+        if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         raise DetoxError(
             f"could not write checkpoint {target}: {exc.strerror or exc} (earlier checkpoints are kept)"
         ) from exc
 
 
-def _save(trainer: "RLTrainer", root: Path, keep: int, target: Path, staging: Path) -> Path:
-    acc = trainer.accelerator
+def _save(root, keep, target, staging, acc, module, optimizer, scheduler, state) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
@@ -100,12 +102,11 @@ def _save(trainer: "RLTrainer", root: Path, keep: int, target: Path, staging: Pa
     (staging / f"rng-{acc.process_index}.json").write_text(json.dumps(rng_meta))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        save_file(trainable_state(trainer), staging / "trainable.safetensors")
-        opt_tensors, opt_meta = flatten_optimizer(trainer.optimizer.state_dict())
+        save_file(trainable_state(acc.unwrap_model(module)), staging / "trainable.safetensors")
+        opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, staging / "optimizer.safetensors")
         (staging / "optimizer.json").write_text(json.dumps(opt_meta))
-        state = {**trainer.trainer_state(), "scheduler": trainer.scheduler.state_dict(),
-                 "num_processes": acc.num_processes}
+        state = {**state, "scheduler": scheduler.state_dict(), "num_processes": acc.num_processes}
         (staging / COMPLETE).write_text(json.dumps(state))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
@@ -127,8 +128,8 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(trainer: "RLTrainer", directory: Path) -> None:
-    acc = trainer.accelerator
+def load(directory: Path, acc: Accelerator, module: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """Restore weights, optimiser, scheduler and this rank's RNG; return the trainer's saved state."""
     try:
         state = json.loads((directory / COMPLETE).read_text())
         if state.get("num_processes", 1) != acc.num_processes:
@@ -137,25 +138,24 @@ def load(trainer: "RLTrainer", directory: Path) -> None:
                 f"resume it with the same number (now {acc.num_processes})"
             )
         params = load_file(directory / "trainable.safetensors")
-        module = acc.unwrap_model(trainer.module)
-        named = dict(module.named_parameters())
+        named = dict(acc.unwrap_model(module).named_parameters())
         missing = [n for n, p in named.items() if p.requires_grad and n not in params]
         if missing or any(n not in named or named[n].shape != t.shape for n, t in params.items()):
             raise DetoxError(f"checkpoint {directory} does not match this model's adapter")
         with torch.no_grad():
             for name, tensor in params.items():
                 named[name].copy_(tensor)
-        optimizer = unflatten_optimizer(
+        optimizer_state = unflatten_optimizer(
             load_file(directory / "optimizer.safetensors"), json.loads((directory / "optimizer.json").read_text())
         )
-        trainer.optimizer.load_state_dict(optimizer)
-        trainer.scheduler.load_state_dict(state["scheduler"])
-        trainer.load_trainer_state(state)
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(state["scheduler"])
         rank = acc.process_index
         set_rng_state(
             load_file(directory / f"rng-{rank}.safetensors"),
             json.loads((directory / f"rng-{rank}.json").read_text()),
         )
+        return state
     except DetoxError:
         raise
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:

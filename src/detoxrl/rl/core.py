@@ -1,40 +1,47 @@
-"""The PPO math as pure functions over padded [batch, T] tensors.
+"""Math shared by every algorithm, as pure functions over padded [batch, T] tensors.
 
 Every function takes a ``mask`` (1 for real response tokens, 0 after EOS) so that padding
-never leaks into rewards, KL, advantages or losses. Symbols follow Schulman et al. (2017)
-and Ziegler et al. (2019).
+never leaks into rewards, KL, advantages or losses. Statistics that must span all processes
+take a ``reduce`` callable (sum over processes; the identity on one process), so the function
+the tests check is the one that runs in data-parallel training.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        var = var * n / (n - 1).clamp(min=1)
-    return var
+def no_reduce(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the real tokens; padding stays 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None, reduce: Reduce = no_reduce
+) -> torch.Tensor:
+    """Mean over the real entries; with ``dim`` per row, else over everything (and all processes)."""
+    mask = torch.ones_like(x) if mask is None else mask
+    if dim is not None:
+        return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    totals = reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())
+    return (totals[0] / totals[1].clamp(min=1)).to(x.dtype)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = no_reduce) -> torch.Tensor:
+    """Unbiased variance over the real entries (of all processes)."""
+    mean = masked_mean(x, mask, reduce=reduce)
+    totals = reduce(torch.stack([(((x - mean) ** 2) * mask).sum(), mask.sum()]).double())
+    return (totals[0] / (totals[1] - 1).clamp(min=1)).to(x.dtype)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = no_reduce) -> torch.Tensor:
+    """(x - mean) / std over the real entries; padding stays 0."""
+    mean, var = masked_mean(x, mask, reduce=reduce), masked_var(x, mask, reduce=reduce)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -47,8 +54,9 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """-sum p log p; tokens banned with -inf logits (min_new_tokens) contribute 0, not NaN."""
+    p = torch.softmax(logits.float(), dim=-1)
+    return -torch.special.xlogy(p, p).sum(-1)
 
 
 def response_mask(tokens: torch.Tensor, eos_token_id: int | list[int], pad_token_id: int) -> torch.Tensor:
@@ -59,102 +67,69 @@ def response_mask(tokens: torch.Tensor, eos_token_id: int | list[int], pad_token
     return (~after_eos).float()
 
 
-def kl_penalised_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """r_t = -beta * (log pi - log pi_ref), plus the score on each response's last real token.
+def sampling_logits(
+    logits: torch.Tensor, temperature: float, min_new_tokens: int, eos_token_ids: list[int]
+) -> torch.Tensor:
+    """The logits of the distribution that generation actually sampled from.
 
-    Returns (rewards [B, T], per-token KL [B, T]).
+    Generation divides by the temperature and bans EOS before ``min_new_tokens``; scoring the
+    responses under the raw logits instead is what made the old stack report negative KL.
+    Applied identically to policy and reference, so their KL stays a true KL. At temperature 1
+    without a minimum length the fp32 input is returned as is (no [B, T, V] copy).
     """
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
-    return rewards * mask, kl
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if min_new_tokens > 0:
+        logits = logits.clone()
+        logits[:, :min_new_tokens, eos_token_ids] = float("-inf")
+    return logits
 
 
-def gae_advantages(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation; V after the last real token is 0.
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) of each sampled response, estimated by sum_t (log pi - log pi_ref): [B]."""
+    return ((logprobs - ref_logprobs) * mask).sum(dim=1)
 
-    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lambda * A_{t+1}.
-    Returns (advantages, returns = advantages + values), both zero on padding.
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's unbiased, always non-negative per-token KL estimator: e^(r) - r - 1, r = log pi_ref - log pi."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token clipped policy-gradient loss max(-A r, -A clip(r)), with clip and approx-KL statistics.
+
+    Returns (loss [B, T], fraction of clipped tokens, Schulman's estimate of KL(old || new)).
     """
-    values = values * mask
-    rewards = rewards * mask
-    T = rewards.shape[1]
-    advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, 0])
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
-        advantages[:, t] = next_advantage
-    return advantages, (advantages + values) * mask
-
-
-@dataclass
-class PPOLosses:
-    loss: torch.Tensor
-    policy_loss: torch.Tensor
-    value_loss: torch.Tensor
-    clip_fraction: torch.Tensor
-    value_clip_fraction: torch.Tensor
-    approx_kl: torch.Tensor
-
-
-def ppo_losses(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    advantages: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    cliprange: float,
-    cliprange_value: float,
-    vf_coef: float,
-    num_tokens: torch.Tensor | float | None = None,
-) -> PPOLosses:
-    """Clipped surrogate policy loss + clipped value loss, averaged over real tokens.
-
-    ``num_tokens`` overrides the divisor: data-parallel training passes the mini-batch's token
-    count over all processes divided by their number, so that the averaged gradients equal
-    those of one process holding the whole mini-batch.
-    """
-    divisor = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
-    pg_unclipped = -advantages * ratio
-    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    policy_loss = (torch.max(pg_unclipped, pg_clipped) * mask).sum() / divisor
-
-    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    vf_unclipped = (values - returns) ** 2
-    vf_clipped = (values_clipped - returns) ** 2
-    value_loss = 0.5 * (torch.max(vf_unclipped, vf_clipped) * mask).sum() / divisor
-
-    return PPOLosses(
-        loss=policy_loss + vf_coef * value_loss,
-        policy_loss=policy_loss.detach(),
-        value_loss=value_loss.detach(),
-        clip_fraction=masked_mean((pg_clipped > pg_unclipped).float(), mask).detach(),
-        value_clip_fraction=masked_mean((vf_clipped > vf_unclipped).float(), mask).detach(),
-        # Schulman's low-variance estimator of KL(old || new): E[(r - 1) - log r].
-        approx_kl=masked_mean((ratio - 1) - log_ratio, mask).detach(),
-    )
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask).detach()
+    approx_kl = masked_mean((ratio - 1) - log_ratio, mask).detach()
+    return torch.max(unclipped, clipped) * mask, clip_fraction, approx_kl
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    var_returns = masked_var(returns, mask)
-    if var_returns <= 0:
-        return float("nan")
-    return float(1 - masked_var(returns - values, mask) / var_returns)
+def aggregate_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, normalization: str, divisor: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Reduce a [B, T] loss to a scalar.
+
+    ``token``: the sum over all real tokens / their number, so long responses weigh more
+    (DAPO, and TRL's PPO); ``sequence``: each response's token mean, then the mean over
+    responses (the original GRPO). ``divisor`` overrides the count (tokens or responses): data
+    parallel passes the mean count over processes, so that the all-reduced gradient equals
+    that of one process holding the whole mini-batch.
+    """
+    if normalization == "token":
+        return (per_token * mask).sum() / (mask.sum().clamp(min=1) if divisor is None else divisor)
+    if normalization == "sequence":
+        per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return per_sequence.sum() / (len(per_sequence) if divisor is None else divisor)
+    raise ValueError(f"unknown loss normalization {normalization!r}")
 
 
 class AdaptiveKLController:
@@ -180,22 +155,3 @@ class FixedKLController(AdaptiveKLController):
 
     def update(self, current_kl: float, n_steps: int) -> None:
         pass
-
-
-def sampling_logits(
-    logits: torch.Tensor, temperature: float, min_new_tokens: int, eos_token_ids: list[int]
-) -> torch.Tensor:
-    """The logits of the distribution that generation actually sampled from.
-
-    Generation divides by the temperature and bans EOS before ``min_new_tokens``; scoring the
-    responses under the raw logits instead is what made the old stack report negative KL.
-    Applied identically to policy and reference, so their KL stays a true KL. At temperature 1
-    without a minimum length the fp32 input is returned as is (no [B, T, V] copy).
-    """
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if min_new_tokens > 0:
-        logits = logits.clone()
-        logits[:, :min_new_tokens, eos_token_ids] = float("-inf")
-    return logits

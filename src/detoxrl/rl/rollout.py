@@ -6,6 +6,7 @@ The log-probabilities and values of the sampled tokens are taken from generation
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -81,7 +82,7 @@ class SeededSampler(LogitsProcessor):
 
 def hf_generation_config(config: GenerationConfig, policy: Policy, with_hidden_states: bool) -> HFGenerationConfig:
     """Greedy over Gumbel-perturbed log-probs (= pure sampling); nothing inherited from the model."""
-    return HFGenerationConfig(
+    return neutral_generation_config(
         do_sample=False,
         num_beams=1,
         return_dict_in_generate=True,
@@ -93,6 +94,37 @@ def hf_generation_config(config: GenerationConfig, policy: Policy, with_hidden_s
         decoder_start_token_id=getattr(policy.model.config, "decoder_start_token_id", None),
         bos_token_id=getattr(policy.model.config, "bos_token_id", None),
     )
+
+
+def neutral_generation_config(**settings) -> HFGenerationConfig:
+    """A generation config in which every logits-changing option is explicitly off.
+
+    generate() fills each option left unset from the model's own generation_config.json
+    (repetition_penalty, no_repeat_ngram_size, bad_words_ids, suppress_tokens, forced_*_token_id,
+    sequence_bias, ...). Those would run before the seeded sampler, so the recorded log-probs
+    would come from a penalised distribution while training and the reference use the plain one.
+    """
+    neutral = dict(
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0, length_penalty=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        top_k=None, top_p=None, min_p=None, temperature=None, exponential_decay_length_penalty=None,
+        bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+        forced_eos_token_id=None, sequence_bias=None, renormalize_logits=False, remove_invalid_values=False,
+    )
+    return HFGenerationConfig(**{**neutral, **settings})
+
+
+@contextlib.contextmanager
+def model_generation_defaults(model: nn.Module, generation_config: HFGenerationConfig):
+    """Let ``generation_config`` stand in for the model's own while generating, so that options it leaves
+    unset (None) are not filled from the model's generation_config.json."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = base.generation_config
+    base.generation_config = generation_config
+    try:
+        yield
+    finally:
+        base.generation_config = saved
 
 
 @torch.no_grad()
@@ -114,12 +146,11 @@ def generate(
     device = next(model.parameters()).device
     query = policy.tokenize_prompts(prompts, max_prompt_tokens, device)
     sampler = SeededSampler(seeds, config.temperature, device)
-    out = model.generate(
-        **query,
-        generation_config=hf_generation_config(config, policy, value_head is not None),
-        logits_processor=LogitsProcessorList([sampler]),
-        synced_gpus=synced_gpus,
-    )
+    settings = hf_generation_config(config, policy, value_head is not None)
+    with model_generation_defaults(model, settings):
+        out = model.generate(
+            **query, generation_config=settings, logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_gpus
+        )
     start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
     response_ids = out.sequences[:, start:]
     logprobs = torch.stack(sampler.logprobs, dim=1)
@@ -172,3 +203,40 @@ def score(scorer: Scorer, queries: list[str], responses: list[str], score_query:
             "fix the scorer or clip its output"
         )
     return torch.from_numpy(values)
+
+
+@torch.no_grad()
+def rollout_from_responses(
+    policy: Policy, prompts: list[str], responses: list[str], config: GenerationConfig, max_prompt_tokens: int
+) -> Rollout:
+    """A rollout of responses written elsewhere (the recipe's ``step(query, response, reward)``).
+
+    Their log-probs (and values) come from a teacher-forced pass under the same sampling
+    transform as generation; each response is cut to max_new_tokens and ends with EOS.
+    """
+    if len(prompts) != len(responses):
+        raise DetoxError(f"{len(prompts)} prompts but {len(responses)} responses")
+    module = policy.module
+    device = next(module.parameters()).device
+    query = policy.tokenize_prompts(prompts, max_prompt_tokens, device)
+    tokenizer, eos = policy.tokenizer, policy.eos_token_ids
+    ids = [tokenizer(r, add_special_tokens=False)["input_ids"][: config.max_new_tokens - 1] + [eos[0]] for r in responses]
+    short = [i for i, x in enumerate(ids) if len(x) <= config.min_new_tokens]
+    if short:
+        raise DetoxError(f"response {short[0]} is shorter than generation.min_new_tokens ({config.min_new_tokens} "
+                         "tokens), so the sampler could not have produced it")
+    response_ids = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    for row, tokens in enumerate(ids):
+        response_ids[row, : len(tokens)] = torch.tensor(tokens, device=device)
+    mask = response_mask(response_ids, eos, tokenizer.pad_token_id).to(device)
+    out = forward_response(module.model, query["input_ids"], query["attention_mask"], response_ids, module.value_head)
+    logits = sampling_logits(out.logits, config.temperature, config.min_new_tokens, eos)
+    return Rollout(
+        query_ids=query["input_ids"],
+        query_mask=query["attention_mask"],
+        response_ids=response_ids,
+        mask=mask,
+        logprobs=logprobs_from_logits(logits, response_ids) * mask,
+        values=out.values.float() * mask if out.values is not None else None,
+        responses=[r.strip() for r in responses],
+    )

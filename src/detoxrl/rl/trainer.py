@@ -1,16 +1,16 @@
-"""The PPO loop: rollout, KL-penalised rewards, GAE, then PPO epochs over mini-batches.
+"""The training loop shared by PPO, RLOO and GRPO: rollout, reward, reference pass, then
+clipped policy updates over mini-batches.
 
-accelerate owns devices, mixed precision, gradient synchronisation and trackers. The global
-batch is split across processes; advantage whitening and the KL controller use statistics
-gathered from all of them, so N processes behave like one with the same global batch.
+The algorithms differ only in how advantages are computed and in their loss
+(detoxrl.rl.ppo / rloo / grpo). accelerate owns devices, mixed precision, gradient
+synchronisation and trackers. The global batch is split across processes with the k responses
+of a prompt kept on one process, and statistics are reduced over all processes, so N
+processes behave like one with the same global batch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,23 +26,38 @@ from ..errors import DetoxError
 from ..policy import Policy
 from ..rewards import Scorer
 from . import checkpoint
-from .core import (
-    AdaptiveKLController,
-    FixedKLController,
-    entropy_from_logits,
-    explained_variance,
-    gae_advantages,
-    kl_penalised_rewards,
-    logprobs_from_logits,
-    ppo_losses,
-    sampling_logits,
-)
-from .rollout import Rollout, generate, reference_logprobs, sample_seeds, score
+from .core import AdaptiveKLController, FixedKLController, entropy_from_logits, logprobs_from_logits, masked_mean
+from .core import sampling_logits, sequence_kl
+from .grpo import GRPO
+from .ppo import PPO
+from .rloo import RLOO
+from .rollout import Rollout, generate, reference_logprobs, rollout_from_responses, sample_seeds, score
 
 logger = logging.getLogger(__name__)
 
+ALGORITHMS = {"ppo": PPO, "rloo": RLOO, "grpo": GRPO}
+
+
+def build_accelerator(config: Config) -> Accelerator:
+    """The one place an Accelerator is made: CLI and Python API get the same accumulation and precision."""
+    if config.device and config.device.startswith("cuda:"):
+        torch.cuda.set_device(int(config.device.split(":")[1]))
+    trackers = [t for t in config.report_to if t and t != "none"]
+    return Accelerator(
+        cpu=config.device == "cpu",
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.rl.gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_dir=str(Path(config.output_dir) / "logs"),
+    )
+
 
 class RLTrainer:
+    """Trains ``policy``'s LoRA adapter to maximise ``scorer``'s reward on ``prompts``.
+
+    ``step(prompts)`` runs one iteration; ``train()`` runs ``rl.steps`` of them over the prompts.
+    """
+
     def __init__(
         self,
         config: Config,
@@ -54,29 +69,34 @@ class RLTrainer:
         config.validate()
         self.config, self.policy, self.scorer, self.prompts = config, policy, scorer, prompts
         p = config.rl
-        self.accelerator = accelerator or Accelerator(cpu=config.device == "cpu")
+        self.algorithm = ALGORITHMS[p.algorithm](p)
+        self.accelerator = accelerator or build_accelerator(config)
         world = self.accelerator.num_processes
-        if p.batch_size % world or p.mini_batch_size % (world * p.gradient_accumulation_steps):
+        if p.batch_size % (world * p.samples_per_prompt) or p.mini_batch_size % (world * p.gradient_accumulation_steps):
             raise DetoxError(
-                f"rl.batch_size ({p.batch_size}) and rl.mini_batch_size ({p.mini_batch_size}) must split evenly "
-                f"over {world} process(es) x {p.gradient_accumulation_steps} accumulation step(s)"
+                f"rl.batch_size ({p.batch_size}) must split into whole prompts of rl.samples_per_prompt "
+                f"({p.samples_per_prompt}) responses over {world} process(es), and rl.mini_batch_size "
+                f"({p.mini_batch_size}) over {world} process(es) x {p.gradient_accumulation_steps} accumulation step(s)"
             )
         if len(prompts) < 1:
             raise DetoxError("no training prompts")
         self.local_batch = p.batch_size // world
         self.micro_batch = p.mini_batch_size // (world * p.gradient_accumulation_steps)
 
-        head_params = list(policy.module.value_head.parameters())
-        lora_params = [q for q in policy.module.model.parameters() if q.requires_grad]
-        optimizer = torch.optim.Adam(
-            [
-                {"params": lora_params, "lr": p.learning_rate},
-                {"params": head_params, "lr": p.learning_rate * p.value_head_lr_scale},
-            ]
-        )
-        updates_per_step = p.ppo_epochs * (p.batch_size // p.mini_batch_size)
+        if self.algorithm.uses_critic:
+            policy.add_value_head()
+        elif policy.module.value_head is not None:
+            policy.module.value_head = None  # a critic restored with the adapter is neither trained nor saved
+        groups = [{"params": [q for q in policy.model.parameters() if q.requires_grad], "lr": p.learning_rate}]
+        if policy.module.value_head is not None:
+            groups.append({"params": list(policy.module.value_head.parameters()),
+                           "lr": p.learning_rate * p.value_head_lr_scale})
+        optimizer = torch.optim.Adam(groups)
+        # accelerate steps a prepared scheduler once per process for every optimiser step
+        # (split_batches=False), so the schedule's length counts all processes' steps.
+        optimiser_steps = p.steps * p.update_epochs * (p.batch_size // p.mini_batch_size)
         scheduler = get_scheduler(
-            p.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=p.steps * updates_per_step
+            p.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=optimiser_steps * world
         )
         self.module, self.optimizer, self.scheduler = self.accelerator.prepare(policy.module, optimizer, scheduler)
         self.kl_ctl = (
@@ -91,74 +111,84 @@ class RLTrainer:
             plugin is not None and plugin.zero_stage == 3
         )
 
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over processes: the ``reduce`` of the math in detoxrl.rl.core."""
+        return self.accelerator.reduce(x, reduction="sum") if self.accelerator.num_processes > 1 else x
+
     # ----------------------------------------------------------------------------- data
     def batch_prompts(self, step: int) -> list[str]:
-        """This process's share of global batch ``step``; the order depends only on seed and step."""
+        """This process's share of global batch ``step``: whole prompts, each repeated k times in a row.
+
+        The order depends only on seed and step, never on the number of processes.
+        """
         p, n = self.config.rl, len(self.prompts)
-        start = step * p.batch_size
+        k = p.samples_per_prompt
+        per_step = p.batch_size // k
         indices = []
-        for position in range(start, start + p.batch_size):
+        for position in range(step * per_step, (step + 1) * per_step):
             epoch, offset = divmod(position, n)
             order = np.random.default_rng(self.config.seed + epoch).permutation(n)
             indices.append(int(order[offset]))
+        local = self.local_batch // k
         rank = self.accelerator.process_index
-        local = indices[rank * self.local_batch : (rank + 1) * self.local_batch]
-        return [self.prompts[i] for i in local]
-
-    # ----------------------------------------------------------------------------- statistics
-    def global_mean(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = torch.ones_like(x) if mask is None else mask
-        totals = torch.stack([(x * mask).sum(), mask.sum()]).double()
-        totals = self.accelerator.reduce(totals, reduction="sum")
-        return (totals[0] / totals[1].clamp(min=1)).to(x.dtype)
-
-    def global_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        mean = self.global_mean(x, mask)
-        var = self.global_mean((x - mean) ** 2, mask)
-        return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+        return [self.prompts[i] for i in indices[rank * local : (rank + 1) * local] for _ in range(k)]
 
     # ----------------------------------------------------------------------------- one step
-    def rollout(self, prompts: list[str]) -> tuple[Rollout, dict[str, float]]:
-        timings = {}
+    def rollout(self, prompts: list[str], responses: list[str] | None, rewards: Any) -> tuple[Rollout, dict[str, float]]:
+        cfg, timings = self.config, {}
         tick = time.perf_counter()
         unwrapped = self.accelerator.unwrap_model(self.module)
-        first = self.accelerator.process_index * self.local_batch
-        seeds = sample_seeds(self.config.seed, self.step_count, count=self.config.rl.batch_size)
         with self.accelerator.autocast():
-            batch = generate(
-                self.policy, unwrapped.model, prompts, self.config.generation, self.config.data.max_prompt_tokens,
-                seeds[first : first + len(prompts)], unwrapped.value_head, self.shards_weights,
-            )
+            if responses is None:
+                first = self.accelerator.process_index * len(prompts)
+                seeds = sample_seeds(cfg.seed, self.step_count, count=first + len(prompts))[first:]
+                batch = generate(self.policy, unwrapped.model, prompts, cfg.generation, cfg.data.max_prompt_tokens,
+                                 seeds, unwrapped.value_head, self.shards_weights)
+            else:
+                batch = rollout_from_responses(self.policy, prompts, responses, cfg.generation,
+                                               cfg.data.max_prompt_tokens)
         timings["time/generation"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        batch.scores = score(self.scorer, prompts, batch.responses, self.config.reward.score_query).to(
-            batch.mask.device
-        )
+        if rewards is None:
+            batch.scores = score(self.scorer, prompts, batch.responses, cfg.reward.score_query)
+        else:
+            batch.scores = torch.as_tensor(np.asarray([float(r) for r in rewards], dtype=np.float32))
+            if len(batch.scores) != len(prompts) or not torch.isfinite(batch.scores).all():
+                raise DetoxError(f"rewards must be {len(prompts)} finite numbers, one per prompt")
+        batch.scores = batch.scores.to(batch.mask.device)
         timings["time/reward"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
         with self.accelerator.autocast():
-            batch.ref_logprobs = reference_logprobs(self.policy, batch, self.config.generation, self.micro_batch)
+            batch.ref_logprobs = reference_logprobs(self.policy, batch, cfg.generation, self.micro_batch)
         timings["time/reference"] = time.perf_counter() - tick
         return batch, timings
 
-    def step(self, prompts: list[str]) -> dict[str, float]:
-        """One PPO iteration on this process's prompts; returns the logged statistics."""
+    def step(self, prompts: list[str], responses: list[str] | None = None, rewards: Any = None) -> dict[str, float]:
+        """One iteration on this process's prompts; returns the logged statistics.
+
+        By default the policy samples the responses and the scorer rewards them. ``responses``
+        (strings made elsewhere) and ``rewards`` (one number per prompt) replace either step, as
+        in the recipe's ``ppo_trainer.step(query, response, reward)``. For rloo and grpo the
+        prompts come in groups of ``rl.samples_per_prompt`` consecutive copies.
+        """
         p = self.config.rl
+        if len(prompts) % p.samples_per_prompt or not prompts:
+            raise DetoxError(f"step() needs whole groups of rl.samples_per_prompt ({p.samples_per_prompt}) prompts, "
+                             f"got {len(prompts)}")
         tick = time.perf_counter()
-        batch, stats = self.rollout(prompts)
+        batch, stats = self.rollout(prompts, responses, rewards)
 
         tick_opt = time.perf_counter()
-        rewards, kl = kl_penalised_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, batch.mask, self.kl_ctl.value)
-        advantages, returns = gae_advantages(rewards, batch.values, batch.mask, p.gamma, p.lam)
-        if p.whiten_advantages:
-            advantages = self.global_whiten(advantages, batch.mask)
-        batch_stats = self.optimise(batch, advantages, returns)
+        kl_coef = self.kl_ctl.value
+        advantages, returns, algorithm_stats = self.algorithm.advantages(batch, kl_coef, self.reduce)
+        update_stats = self.optimise(batch, advantages, returns, kl_coef)
         stats["time/optimisation"] = time.perf_counter() - tick_opt
 
-        mean_kl = float(self.global_mean(kl.sum(dim=1)))
-        stats.update(self.summarise(batch, rewards, advantages, returns, batch_stats, mean_kl))
+        mean_kl = float(masked_mean(sequence_kl(batch.logprobs, batch.ref_logprobs, batch.mask), reduce=self.reduce))
+        stats.update(self.summarise(batch, advantages, update_stats, mean_kl))
+        stats.update(algorithm_stats)
         self.kl_ctl.update(mean_kl, p.batch_size)
         if mean_kl < -1e-3:
             logger.warning(
@@ -171,81 +201,59 @@ class RLTrainer:
         stats["step"] = self.step_count
         return stats
 
-    def optimise(self, batch: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def optimise(
+        self, batch: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None, kl_coef: float
+    ) -> list[dict[str, torch.Tensor]]:
         p, g = self.config.rl, self.config.generation
         eos = self.policy.eos_token_ids
         collected = []
         n = len(batch.responses)
         world = self.accelerator.num_processes
-        for epoch in range(p.ppo_epochs):
+        for epoch in range(p.update_epochs):
             # Seeded by step and epoch, not by the RNG state, so a resumed run shuffles the same way.
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 7919 * self.step_count + epoch))
             for start in range(0, n, self.micro_batch):
                 index = order[start : start + self.micro_batch]
                 mb = batch.select(index)
                 T = mb.response_ids.shape[1]
-                num_tokens = self.global_mean(mb.mask.sum()) if world > 1 else None
+                count = mb.mask.sum() if p.loss_normalization == "token" else torch.tensor(float(len(index)))
+                divisor = masked_mean(count.float(), reduce=self.reduce) if world > 1 else None
                 with self.accelerator.accumulate(self.module), self.accelerator.autocast():
                     out = self.module(mb.query_ids, mb.query_mask, mb.response_ids)
                     logits = sampling_logits(out.logits, g.temperature, g.min_new_tokens, eos)
                     logprobs = logprobs_from_logits(logits, mb.response_ids)
-                    losses = ppo_losses(
-                        logprobs,
-                        mb.logprobs,
-                        out.values.float(),
-                        mb.values,
-                        advantages[index, :T],
-                        returns[index, :T],
-                        mb.mask,
-                        p.cliprange,
-                        p.cliprange_value,
-                        p.vf_coef,
-                        num_tokens,
+                    values = out.values.float() if out.values is not None else None
+                    loss, stats = self.algorithm.loss(
+                        logprobs, values, mb, advantages[index, :T],
+                        returns[index, :T] if returns is not None else None, divisor, kl_coef,
                     )
-                    self.accelerator.backward(losses.loss)
+                    self.accelerator.backward(loss)
                     if self.accelerator.sync_gradients:
                         self.accelerator.clip_grad_norm_(self.module.parameters(), p.max_grad_norm)
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad()
                 with torch.no_grad():
-                    entropy = (entropy_from_logits(logits.detach()) * mb.mask).sum() / mb.mask.sum().clamp(min=1)
-                collected.append(
-                    {
-                        "ppo/loss/policy": losses.policy_loss,
-                        "ppo/loss/value": losses.value_loss,
-                        "ppo/policy/clipfrac": losses.clip_fraction,
-                        "ppo/policy/approxkl": losses.approx_kl,
-                        "ppo/val/clipfrac": losses.value_clip_fraction,
-                        "objective/entropy": entropy,
-                    }
-                )
+                    stats["objective/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mb.mask)
+                collected.append(stats)
         return collected
 
     def summarise(
-        self,
-        batch: Rollout,
-        rewards: torch.Tensor,
-        advantages: torch.Tensor,
-        returns: torch.Tensor,
-        batch_stats: list[dict[str, torch.Tensor]],
-        mean_kl: float,
+        self, batch: Rollout, advantages: torch.Tensor, update_stats: list[dict[str, torch.Tensor]], mean_kl: float
     ) -> dict[str, float]:
-        mask = batch.mask
+        mean = lambda x, mask=None: float(masked_mean(x, mask, reduce=self.reduce))  # noqa: E731
+        reward_mean = mean(batch.scores)
         stats = {
             "objective/kl": mean_kl,
             "objective/kl_coef": self.kl_ctl.value,
-            "env/reward_mean": float(self.global_mean(batch.scores)),
-            "env/reward_std": float(self.global_mean((batch.scores - self.global_mean(batch.scores)) ** 2)) ** 0.5,
-            "env/response_length_mean": float(self.global_mean(mask.sum(dim=1))),
-            "ppo/returns/mean": float(self.global_mean(returns, mask)),
-            "ppo/policy/advantages_mean": float(self.global_mean(advantages, mask)),
-            "ppo/val/mean": float(self.global_mean(batch.values, mask)),
-            "ppo/val/explained_variance": explained_variance(batch.values, returns, mask),
-            "ppo/learning_rate": self.scheduler.get_last_lr()[0],
+            "env/reward_mean": reward_mean,
+            "env/reward_std": mean((batch.scores - reward_mean) ** 2) ** 0.5,
+            "env/response_length_mean": mean(batch.mask.sum(dim=1)),
+            "policy/advantages_mean": mean(advantages, batch.mask),
+            "learning_rate": self.scheduler.get_last_lr()[0],
         }
-        for key in batch_stats[0]:
-            stats[key] = float(self.global_mean(torch.stack([s[key] for s in batch_stats]).float()))
+        for key in update_stats[0]:
+            stats[key] = mean(torch.stack([s[key] for s in update_stats]).float())
         return stats
 
     # ----------------------------------------------------------------------------- the loop
@@ -272,26 +280,17 @@ class RLTrainer:
         return float((gathered - gathered[0]).abs().max())
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.save(self, Path(self.config.output_dir) / "checkpoints", self.config.save_total_limit)
+        return checkpoint.save(
+            Path(self.config.output_dir) / "checkpoints", self.config.save_total_limit, self.accelerator,
+            self.module, self.optimizer, self.scheduler, self.trainer_state(),
+        )
 
     def load_checkpoint(self, directory: str | Path) -> None:
-        checkpoint.load(self, Path(directory))
-
-    def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step_count, "kl_ctl": self.kl_ctl.state_dict(), "history": self.history}
-
-    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        state = checkpoint.load(Path(directory), self.accelerator, self.module, self.optimizer, self.scheduler)
         self.step_count = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.history = list(state["history"])
 
-
-def finite_or_none(value: float) -> float | None:
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def write_history(history: list[dict[str, float]], path: Path) -> None:
-    """Rewrite the per-step log through a temporary file, so a full disk never truncates it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({k: finite_or_none(v) for k, v in row.items()}) + "\n" for row in history))
-    os.replace(tmp, path)
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step_count, "kl_ctl": self.kl_ctl.state_dict(), "history": self.history,
+                "algorithm": self.algorithm.name}

@@ -1,0 +1,46 @@
+"""RLOO (Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline over k responses per prompt.
+
+No critic: each response's advantage is its KL-penalised sequence reward minus the mean reward
+of the other k - 1 responses to the same prompt, applied to every token of the response
+through the clipped surrogate (as TRL's RLOOTrainer does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .core import Reduce, aggregate_loss, clipped_surrogate, masked_mean, masked_whiten, sequence_kl
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """r_i - mean of the other k - 1 rewards of the group; rows are k consecutive responses per prompt: [B] -> [B]."""
+    if k < 2 or rewards.numel() % k:
+        raise ValueError(f"{rewards.numel()} rewards do not form groups of k={k} >= 2")
+    groups = rewards.reshape(-1, k)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)
+    return (groups - baseline).reshape(-1)
+
+
+class RLOO:
+    name = "rloo"
+    uses_critic = False
+
+    def __init__(self, config):
+        self.config = config
+
+    def advantages(self, batch, kl_coef: float, reduce: Reduce) -> tuple[torch.Tensor, None, dict[str, float]]:
+        c = self.config
+        rewards = batch.scores.to(batch.logprobs.dtype) - kl_coef * sequence_kl(batch.logprobs, batch.ref_logprobs,
+                                                                               batch.mask)
+        advantages = leave_one_out_advantages(rewards, c.samples_per_prompt)
+        if c.whiten_advantages:
+            advantages = masked_whiten(advantages, torch.ones_like(advantages), reduce)
+        stats = {"rloo/reward_with_kl_mean": float(masked_mean(rewards, reduce=reduce))}
+        return advantages[:, None] * batch.mask, None, stats
+
+    def loss(self, logprobs, values, mb, advantages, returns, divisor, kl_coef: float):
+        """(loss, statistics) of a mini-batch; the KL is already in the sequence rewards."""
+        per_token, clip_fraction, approx_kl = clipped_surrogate(logprobs, mb.logprobs, advantages, mb.mask,
+                                                                self.config.cliprange)
+        loss = aggregate_loss(per_token, mb.mask, self.config.loss_normalization, divisor)
+        return loss, {"loss/policy": loss.detach(), "policy/clipfrac": clip_fraction, "policy/approxkl": approx_kl}
