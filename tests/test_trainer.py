@@ -16,11 +16,11 @@ from detoxrl.rl.trainer import RLTrainer
 PROMPTS = ["the person1 said thanks about work", "the meeting is good", "a car and a home", "school talk"]
 
 
-def make_trainer(model, tmp_path, **dotted) -> RLTrainer:
+def make_trainer(model, tmp_path, references=None, **dotted) -> RLTrainer:
     torch.manual_seed(0)  # the fresh LoRA's initialisation, as train() seeds it
     config = tiny_run_config(model, tmp_path, **{"rl.batch_size": 8, "rl.mini_batch_size": 4,
                                                  "generation.max_new_tokens": 5, **dotted})
-    return RLTrainer(config, load_policy(config.model), ThanksShare(), PROMPTS)
+    return RLTrainer(config, load_policy(config.model), ThanksShare(), PROMPTS, references=references)
 
 
 def test_entropy_is_finite_with_min_new_tokens(tiny_t5, tmp_path):
@@ -120,3 +120,16 @@ def test_two_process_rloo_matches_one_process_and_its_schedule(tiny_t5, tmp_path
         assert two["env/reward_mean"] == pytest.approx(one["env/reward_mean"], abs=1e-6)
         assert two["objective/kl"] == pytest.approx(one["objective/kl"], abs=1e-4)
     assert histories["one"][-1]["learning_rate"] == 0.0
+
+
+def test_fidelity_weight_adds_rouge_l_against_the_reference(tiny_t5, tmp_path):
+    trainer = make_trainer(tiny_t5, tmp_path, references=["thanks"] * len(PROMPTS),
+                           **{"reward.fidelity_weight": 2.0, "rl.batch_size": 2, "rl.mini_batch_size": 2})
+    prompts, references = ["school talk", "the meeting is good"], ["thanks a lot", "the car"]
+    stats = trainer.step(prompts, ["thanks", "the car"], references=references)
+    # ThanksShare gives 1 and 0; ROUGE-L F1: "thanks" vs "thanks a lot" = 2*(1*1/3)/(1+1/3) = 0.5; exact match = 1.
+    assert stats["env/scorer_reward_mean"] == pytest.approx(0.5)
+    assert stats["env/fidelity_mean"] == pytest.approx(0.75)
+    assert stats["env/reward_mean"] == pytest.approx(0.5 + 2.0 * 0.75)
+    with pytest.raises(DetoxError, match="fidelity_weight needs the reference response of every training prompt"):
+        RLTrainer(trainer.config, trainer.policy, ThanksShare(), PROMPTS)

@@ -19,6 +19,7 @@ from ..config import GenerationConfig
 from ..errors import DetoxError
 from ..policy import Policy, ValueHead, forward_response
 from ..rewards import Scorer
+from ..rewards.fidelity import rouge_l
 from .core import logprobs_from_logits, response_mask, sampling_logits
 
 
@@ -192,17 +193,28 @@ def reference_logprobs(
     return torch.cat(chunks) * rollout.mask
 
 
-def score(scorer: Scorer, queries: list[str], responses: list[str], score_query: bool) -> torch.Tensor:
-    """Rewards for the responses (optionally scored together with their query, as the recipe did)."""
+def score(
+    scorer: Scorer, queries: list[str], responses: list[str], score_query: bool,
+    references: list[str] | None = None, fidelity_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Rewards for the responses (optionally scored together with their query, as the recipe did),
+    plus ``fidelity_weight`` x ROUGE-L against each prompt's reference; and the parts' means."""
     texts = [f"{q} {r}" for q, r in zip(queries, responses)] if score_query else responses
     values = np.asarray(scorer.rewards(texts), dtype=np.float32)
+    parts = {"env/scorer_reward_mean": float(values.mean())}
+    if fidelity_weight:
+        if references is None:
+            raise DetoxError("reward.fidelity_weight needs the reference response of every prompt")
+        fidelity = rouge_l(responses, references)
+        parts["env/fidelity_mean"] = float(fidelity.mean())
+        values = values + fidelity_weight * fidelity
     bad = ~np.isfinite(values)
     if bad.any():
         raise DetoxError(
             f"the reward is NaN or infinite for {int(bad.sum())} of {len(values)} texts (scorer {scorer.name}); "
             "fix the scorer or clip its output"
         )
-    return torch.from_numpy(values)
+    return torch.from_numpy(values), parts
 
 
 @torch.no_grad()

@@ -65,9 +65,16 @@ class RLTrainer:
         scorer: Scorer,
         prompts: list[str],
         accelerator: Accelerator | None = None,
+        references: list[str] | None = None,
     ):
+        """``references`` (one per prompt) are needed only by reward.fidelity_weight."""
         config.validate()
         self.config, self.policy, self.scorer, self.prompts = config, policy, scorer, prompts
+        if references is not None and len(references) != len(prompts):
+            raise DetoxError(f"{len(prompts)} prompts but {len(references)} references")
+        if config.reward.fidelity_weight and references is None:
+            raise DetoxError("reward.fidelity_weight needs the reference response of every training prompt")
+        self.references = references
         p = config.rl
         self.algorithm = ALGORITHMS[p.algorithm](p)
         self.accelerator = accelerator or build_accelerator(config)
@@ -121,6 +128,13 @@ class RLTrainer:
 
         The order depends only on seed and step, never on the number of processes.
         """
+        return [self.prompts[i] for i in self.batch_indices(step)]
+
+    def batch_references(self, step: int) -> list[str] | None:
+        """The reference responses of ``batch_prompts(step)`` (None without references)."""
+        return None if self.references is None else [self.references[i] for i in self.batch_indices(step)]
+
+    def batch_indices(self, step: int) -> list[int]:
         p, n = self.config.rl, len(self.prompts)
         k = p.samples_per_prompt
         per_step = p.batch_size // k
@@ -131,10 +145,12 @@ class RLTrainer:
             indices.append(int(order[offset]))
         local = self.local_batch // k
         rank = self.accelerator.process_index
-        return [self.prompts[i] for i in indices[rank * local : (rank + 1) * local] for _ in range(k)]
+        return [i for i in indices[rank * local : (rank + 1) * local] for _ in range(k)]
 
     # ----------------------------------------------------------------------------- one step
-    def rollout(self, prompts: list[str], responses: list[str] | None, rewards: Any) -> tuple[Rollout, dict[str, float]]:
+    def rollout(
+        self, prompts: list[str], responses: list[str] | None, rewards: Any, references: list[str] | None
+    ) -> tuple[Rollout, dict[str, float]]:
         cfg, timings = self.config, {}
         tick = time.perf_counter()
         unwrapped = self.accelerator.unwrap_model(self.module)
@@ -151,7 +167,9 @@ class RLTrainer:
 
         tick = time.perf_counter()
         if rewards is None:
-            batch.scores = score(self.scorer, prompts, batch.responses, cfg.reward.score_query)
+            batch.scores, parts = score(self.scorer, prompts, batch.responses, cfg.reward.score_query, references,
+                                        cfg.reward.fidelity_weight)
+            timings.update({k: float(masked_mean(torch.tensor(v), reduce=self.reduce)) for k, v in parts.items()})
         else:
             batch.scores = torch.as_tensor(np.asarray([float(r) for r in rewards], dtype=np.float32))
             if len(batch.scores) != len(prompts) or not torch.isfinite(batch.scores).all():
@@ -165,20 +183,24 @@ class RLTrainer:
         timings["time/reference"] = time.perf_counter() - tick
         return batch, timings
 
-    def step(self, prompts: list[str], responses: list[str] | None = None, rewards: Any = None) -> dict[str, float]:
+    def step(
+        self, prompts: list[str], responses: list[str] | None = None, rewards: Any = None,
+        references: list[str] | None = None,
+    ) -> dict[str, float]:
         """One iteration on this process's prompts; returns the logged statistics.
 
         By default the policy samples the responses and the scorer rewards them. ``responses``
         (strings made elsewhere) and ``rewards`` (one number per prompt) replace either step, as
         in the recipe's ``ppo_trainer.step(query, response, reward)``. For rloo and grpo the
-        prompts come in groups of ``rl.samples_per_prompt`` consecutive copies.
+        prompts come in groups of ``rl.samples_per_prompt`` consecutive copies. ``references``
+        (one per prompt) feed reward.fidelity_weight.
         """
         p = self.config.rl
         if len(prompts) % p.samples_per_prompt or not prompts:
             raise DetoxError(f"step() needs whole groups of rl.samples_per_prompt ({p.samples_per_prompt}) prompts, "
                              f"got {len(prompts)}")
         tick = time.perf_counter()
-        batch, stats = self.rollout(prompts, responses, rewards)
+        batch, stats = self.rollout(prompts, responses, rewards, references)
 
         tick_opt = time.perf_counter()
         kl_coef = self.kl_ctl.value
@@ -261,7 +283,7 @@ class RLTrainer:
         """Run the remaining steps; checkpoint every ``save_steps``; return the per-step history."""
         cfg = self.config
         while self.step_count < cfg.rl.steps:
-            stats = self.step(self.batch_prompts(self.step_count))
+            stats = self.step(self.batch_prompts(self.step_count), references=self.batch_references(self.step_count))
             self.history.append(stats)
             self.accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=self.step_count)
             if on_step:
