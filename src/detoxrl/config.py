@@ -57,6 +57,8 @@ class RewardConfig:
     transform: str = _f("logit", "Classifier reward: logit (the recipe) | log_odds | prob.")
     function: str | None = _f(None, "module:function returning one reward per text (scorer=callable).")
     score_query: bool = _f(False, "Score query + response together, as the recipe did.")
+    fidelity_weight: float = _f(0.0, "Add this weight x ROUGE-L F1 against the prompt's reference response "
+                                     "(data.reference_column) to the reward; 0 turns it off.")
     batch_size: int = _f(32, "Texts per scoring batch.")
 
 
@@ -233,6 +235,10 @@ class Config:
             raise DetoxError(
                 f"reward.scorer must be classifier, hatesonar, profanity-check or callable, got {self.reward.scorer!r}"
             )
+        if not self.reward.fidelity_weight >= 0:
+            raise DetoxError(f"reward.fidelity_weight must be 0 or more, got {self.reward.fidelity_weight}")
+        if self.reward.fidelity_weight and not self.data.reference_column:
+            raise DetoxError("reward.fidelity_weight needs data.reference_column (the reference responses)")
         if not 0 < self.data.test_size < 1:
             raise DetoxError(f"data.test_size must be between 0 and 1, got {self.data.test_size}")
         if "{text}" not in self.data.prompt_template:

@@ -75,7 +75,8 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     reward = build_reward(config.reward, str(accelerator.device), config.model.trust_remote_code)
     policy = load_policy(config.model)
     check_generation_fits(config, policy.model.config)
-    trainer = RLTrainer(config, policy, reward, list(train_rows["prompt"]), accelerator)
+    trainer = RLTrainer(config, policy, reward, list(train_rows["prompt"]), accelerator,
+                        references=references(train_rows, config))
 
     if resume:
         found = checkpoint.latest(run.checkpoints)
