@@ -1,7 +1,8 @@
-"""Comparing two runs' metrics.json side by side."""
+"""Comparing two runs' metrics side by side."""
 
 import io
 import json
+import os
 
 import pytest
 from rich.console import Console
@@ -20,9 +21,15 @@ def _metrics(rate_after, kl, evaluators=("hate",)):
 
 def _write(tmp_path, name, metrics):
     run = tmp_path / name
-    run.mkdir()
+    run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
+
+
+def _table_text(run_a, run_b) -> str:
+    console = Console(file=io.StringIO(), width=400)
+    console.print(compare_runs(run_a, run_b))
+    return console.file.getvalue()
 
 
 def test_rows_cover_both_runs():
@@ -36,9 +43,7 @@ def test_rows_cover_both_runs():
 def test_compare_runs_table(tmp_path):
     a = _write(tmp_path, "run-a", _metrics(0.05, 0.3))
     b = _write(tmp_path, "run-b", _metrics(0.02, 0.6))
-    console = Console(file=io.StringIO(), width=120)
-    console.print(compare_runs(a, b))
-    text = console.file.getvalue()
+    text = _table_text(a, b)
     assert "run-a" in text and "run-b" in text
     assert "-0.03" in text and "+0.3" in text
 
@@ -55,3 +60,32 @@ def test_missing_or_broken_metrics_is_a_user_error(tmp_path):
     (broken / "metrics.json").write_text("[1, 2]")
     with pytest.raises(DetoxError, match="JSON object"):
         load_metrics(broken)
+
+
+def test_the_newer_evaluation_is_compared_and_named(tmp_path):
+    """``detoxrl evaluate`` writes RUN/eval/metrics.json after training: that evaluation is the one shown."""
+    run = _write(tmp_path, "run", _metrics(0.05, 0.3))
+    evaluated = _write(tmp_path, "run/eval", {"run": {}, "evaluation": _metrics(0.01, None)["evaluation"]})
+    metrics, source = load_metrics(run)
+    assert source == evaluated / "metrics.json"
+    assert metrics["evaluation"]["evaluators"]["hate"]["policy"]["toxic_rate"] == 0.01
+    assert metrics["train"]["final_kl"] == 0.3  # training numbers still come from the run's own file
+    other = _write(tmp_path, "other", _metrics(0.02, 0.6))
+    text = _table_text(run, other)
+    assert f"A: evaluation from {evaluated / 'metrics.json'}\nB: evaluation from {other / 'metrics.json'}" in text
+    assert "0.01" in text and "0.05" not in text
+
+    later = (evaluated / "metrics.json").stat().st_mtime_ns + 10**9
+    os.utime(run / "metrics.json", ns=(later, later))  # the run's file is now the newer one
+    metrics, source = load_metrics(run)
+    assert source == run / "metrics.json"
+    assert metrics["evaluation"]["evaluators"]["hate"]["policy"]["toxic_rate"] == 0.05
+
+
+def test_evaluation_only_in_eval_directory(tmp_path):
+    """A run whose training ended with eval.enabled false has its evaluation only in eval/."""
+    run = _write(tmp_path, "run", {"train": {"final_kl": 0.3}})
+    _write(tmp_path, "run/eval", {"evaluation": _metrics(0.01, None)["evaluation"]})
+    metrics, source = load_metrics(run)
+    assert source == run / "eval" / "metrics.json" and metrics["train"] == {"final_kl": 0.3}
+    assert load_metrics(_write(tmp_path, "bare", {"train": {}}))[1] is None

@@ -231,6 +231,31 @@ def test_dataset_path_does_not_exist(tmp_path, tiny_t5, tiny_classifier, run_cli
     train_and_expect(tmp_path, run_cli, config, f"dataset file not found: {tmp_path / name}")
 
 
+LONG_TEXT = "Person1: you never listen to me. Person2: that is not true, I always listen. " * 4
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("number.jsonl", json.dumps({"dialogue": LONG_TEXT}) + "\n" + json.dumps({"dialogue": 42}) + "\n",
+         "row 2: data.text_column 'dialogue' holds 42 (int), not text"),
+        ("null.jsonl", json.dumps({"dialogue": LONG_TEXT}) + "\n" + json.dumps({"dialogue": None}) + "\n",
+         "row 2: data.text_column 'dialogue' is empty (null)"),
+        ("numbers.csv", "dialogue\n1\n2\n", "row 1: data.text_column 'dialogue' holds 1 (int), not text"),
+        ("empty-cell.csv", f"dialogue,summary\n{LONG_TEXT},fine\n,empty\n",
+         "row 2: data.text_column 'dialogue' is empty (null)"),
+        ("reference.jsonl", json.dumps({"dialogue": LONG_TEXT, "summary": 3.5}) + "\n",
+         "row 1: data.reference_column 'summary' holds 3.5 (float), not text"),
+    ],
+    ids=["jsonl-number", "jsonl-null", "csv-numbers", "csv-empty-cell", "reference-number"],
+)
+def test_dataset_value_not_text(tmp_path, tiny_t5, tiny_classifier, run_cli, name, content, message):
+    data = tmp_path / name
+    data.write_text(content)
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"data.dataset": str(data)})
+    train_and_expect(tmp_path, run_cli, config, f"dataset {data} {message}; every row needs text there")
+
+
 # ----------------------------------------------------------------------------------------------- models
 
 
@@ -258,6 +283,22 @@ def test_label_not_in_classifier(tmp_path, tiny_t5, tiny_classifier, run_cli):
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"reward.label": "friendly"})
     train_and_expect(tmp_path, run_cli, config, "label 'friendly' is not a class of the reward classifier; "
                      "its labels are: nothate, hate")
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("tiny_llama", "data.max_prompt_tokens (32) + generation.max_new_tokens (1000000000) = 1000000032 tokens "
+                       "do not fit the context of model {model}: 512 positions; lower one of them"),
+        ("tiny_t5", "generation.max_new_tokens (1000000000) is more than 65536; model {model} has no fixed "
+                    "context length, but responses this long are surely a mistake"),
+    ],
+    ids=["causal-context", "t5-no-limit"],
+)
+def test_max_new_tokens_beyond_the_context(tmp_path, tiny_classifier, run_cli, request, model, message):
+    path = request.getfixturevalue(model)
+    config = settings(tmp_path, path, tiny_classifier, **{"generation.max_new_tokens": 1_000_000_000})
+    train_and_expect(tmp_path, run_cli, config, message.format(model=path))
 
 
 # ----------------------------------------------------------------------------------------------- reward functions
@@ -492,10 +533,10 @@ def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch, at_ste
 
     real_step = RLTrainer.step
 
-    def step(self, prompts):
+    def step(self, *args, **kwargs):
         if self.step_count == at_step:
             raise KeyboardInterrupt
-        return real_step(self, prompts)
+        return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(RLTrainer, "step", step)
     out = tmp_path / "run"
@@ -515,28 +556,49 @@ def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch, at_ste
     assert (out / "metrics.json").is_file()
 
 
+def train_process(config: Path, cwd: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "detoxrl.cli", "train", "--config", str(config)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), **popen)
+
+
+def signal_once_written(process: subprocess.Popen, marker: Path, signum: int) -> tuple[str, str]:
+    """Send ``signum`` once ``marker`` exists (the run got that far); return the process's stdout and stderr."""
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()[1][-2000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        process.send_signal(signum)
+        return process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_ctrl_c_in_a_real_process(tmp_path, tiny_t5, tiny_classifier):
     """A real SIGINT, as from Ctrl-C in a terminal, once the first checkpoint is on disk."""
     config = settings(tmp_path, tiny_t5, tiny_classifier, **{"rl.steps": 100000, "save_steps": 1})
     path = write_yaml(tmp_path / "config.yaml", config)
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "detoxrl.cli", "train", "--config", str(path)], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=subprocess_env(),
-                               # a shell without job control starts background jobs with SIGINT ignored
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.time() + 240
-        while not (out / "checkpoints" / "step-0000001" / "state.json").exists():
-            assert process.poll() is None, process.communicate()[1][-2000:]
-            assert time.time() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # a shell without job control starts background jobs with SIGINT ignored
+    process = train_process(path, tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    stdout, stderr = signal_once_written(process, out / "checkpoints" / "step-0000001" / "state.json", signal.SIGINT)
     assert_one_error(process.returncode, stderr, "--resume", prefix=INTERRUPTED, exit_code=130)
     assert stdout == ""
     assert (out / "checkpoints" / "step-0000001" / "state.json").is_file()
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
+
+
+def test_sigterm_in_a_real_process(tmp_path, tiny_t5, tiny_classifier):
+    """SIGTERM, as from a scheduler or ``timeout``, during training and before any checkpoint: handled like
+    Ctrl-C, so the directory is removed and the same command runs again (and is stopped the same way)."""
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"rl.steps": 100000})
+    path = write_yaml(tmp_path / "config.yaml", config)
+    out = tmp_path / "run"
+    for _ in range(2):
+        process = train_process(path, tmp_path)
+        stdout, stderr = signal_once_written(process, out / "history.jsonl", signal.SIGTERM)  # after step 1
+        assert_one_error(process.returncode, stderr, "--resume", prefix=INTERRUPTED, exit_code=143)
+        assert stdout == ""
+        assert not out.exists()

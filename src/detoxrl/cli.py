@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -132,15 +133,29 @@ def report(message: str) -> None:
     print(" ".join(message.split()) if "\n" in message else message, file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as sent by schedulers, ``timeout`` and ``kill``: handled like Ctrl-C, with exit code 143."""
+
+
+def raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+        handling_sigterm = True
+    except ValueError:  # not the main thread, where only the main thread may handle signals
+        handling_sigterm = False
     try:
         code = run(argv)
     except DetoxError as exc:
         report(f"detoxrl: error: {exc}")
         code = 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         report("detoxrl: interrupted; continue with --resume (checkpoints are kept)")
-        code = 130
+        code = 143 if isinstance(exc, Terminated) else 130
     except MemoryError:
         report("detoxrl: error: out of memory; lower rl.batch_size or generation.max_new_tokens")
         code = 1
@@ -155,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         report(f"detoxrl: error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                "(set DETOXRL_DEBUG=1 for the traceback)")
         code = 1
+    finally:
+        if handling_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     sys.exit(code)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import reprlib
 from importlib import resources
 from pathlib import Path
 
@@ -96,20 +97,33 @@ def load_rows(config: DataConfig) -> Dataset:
         ) from exc
 
 
+def check_text_column(rows: Dataset, column: str, setting: str, dataset: str) -> None:
+    """Every value of ``column`` must be a string: name the first row (1-based, a CSV header not counted) that is not."""
+    feature = rows.features[column]
+    if getattr(feature, "dtype", None) in ("string", "large_string") and rows.data.column(column).null_count == 0:
+        return  # typed as text with no nulls: nothing to look at row by row
+    for number, value in enumerate(rows[column], start=1):
+        if not isinstance(value, str):
+            what = "is empty (null)" if value is None else f"holds {value!r} ({type(value).__name__}), not text"
+            raise DetoxError(f"dataset {dataset} row {number}: {setting} {column!r} {what}; every row needs text there")
+
+
 def build_splits(config: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
-    """Filter by length (min_chars < len <= max_chars), add ``prompt``, split with a fixed seed."""
+    """Filter by length (min_chars < len <= max_chars), add ``prompt``, split with a fixed seed.
+
+    ``config`` is not changed: a ``reference_column`` the dataset lacks is simply absent from the rows, so
+    callers check ``column in rows.column_names``.
+    """
     rows = load_rows(config)
     if config.text_column not in rows.column_names:
         raise DetoxError(
             f"dataset has no column {config.text_column!r} (data.text_column); its columns are: "
             f"{', '.join(rows.column_names)}"
         )
-    if config.reference_column and config.reference_column not in rows.column_names:
-        config.reference_column = None
-    rows = rows.filter(
-        lambda text: text is not None and config.min_chars < len(text) <= config.max_chars,
-        input_columns=config.text_column,
-    )
+    check_text_column(rows, config.text_column, "data.text_column", config.dataset)
+    if config.reference_column and config.reference_column in rows.column_names:
+        check_text_column(rows, config.reference_column, "data.reference_column", config.dataset)
+    rows = rows.filter(lambda text: config.min_chars < len(text) <= config.max_chars, input_columns=config.text_column)
     if len(rows) < 2:
         raise DetoxError(
             f"only {len(rows)} rows are left after keeping texts with {config.min_chars} < length <= "

@@ -1,4 +1,8 @@
-"""Side-by-side comparison of two evaluated runs (their ``metrics.json``)."""
+"""Side-by-side comparison of two evaluated runs.
+
+A run's training numbers are in ``RUN/metrics.json``; its evaluation is there too (the end-of-training
+evaluation) and in ``RUN/eval/metrics.json`` once ``detoxrl evaluate RUN`` ran. The newer of the two is shown.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,45 @@ import json
 import math
 from pathlib import Path
 
+from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from detoxrl.errors import DetoxError
+from detoxrl.rundir import RunDir
 
 Row = tuple[str, float | None, float | None]
 
 
-def load_metrics(run_dir: str | Path) -> dict:
-    """Read ``<run_dir>/metrics.json``; a missing or broken file is a user error."""
-    path = Path(run_dir) / "metrics.json"
+def read_metrics(path: Path) -> dict:
+    """One ``metrics.json``; a broken file is a user error."""
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DetoxError(f"no metrics.json in {run_dir}: run `detoxrl evaluate` on it first") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DetoxError(f"cannot read {path}: {exc}") from None
     if not isinstance(metrics, dict):
         raise DetoxError(f"cannot read {path}: expected a JSON object")
     return metrics
+
+
+def load_metrics(run_dir: str | Path) -> tuple[dict, Path | None]:
+    """A run's metrics, and the file its evaluation came from (None when it has none).
+
+    The training numbers come from ``RUN/metrics.json``; the evaluation from whichever of
+    ``RUN/metrics.json`` and ``RUN/eval/metrics.json`` was written last and holds one.
+    """
+    run = RunDir(run_dir)
+    found = {path: read_metrics(path) for path in (run.metrics, RunDir(run.eval).metrics) if path.is_file()}
+    if not found:
+        raise DetoxError(f"no metrics.json in {run_dir}: run `detoxrl evaluate` on it first")
+    evaluated = [path for path, metrics in found.items() if "evaluation" in metrics]
+    # the later file wins; on equal times, evaluate's (it can only run after training)
+    source = max(evaluated, key=lambda p: (p.stat().st_mtime_ns, p != run.metrics), default=None)
+    metrics = dict(found.get(run.metrics, {}))
+    if source is not None:
+        metrics["evaluation"] = found[source]["evaluation"]
+    return metrics, source
 
 
 def _number(x) -> float | None:
@@ -69,9 +92,11 @@ def _cell(x: float | None, signed: bool = False) -> str:
     return "—" if x is None else f"{x:+.4g}" if signed else f"{x:.4g}"
 
 
-def compare_runs(run_a: str | Path, run_b: str | Path) -> Table:
-    """A rich table of two runs' main metrics side by side, with the difference B − A."""
-    rows = compare_rows(load_metrics(run_a), load_metrics(run_b))
+def compare_runs(run_a: str | Path, run_b: str | Path) -> Group:
+    """A rich table of two runs' main metrics side by side, with the difference B − A, and the files the
+    evaluations were read from."""
+    (metrics_a, source_a), (metrics_b, source_b) = load_metrics(run_a), load_metrics(run_b)
+    rows = compare_rows(metrics_a, metrics_b)
     name_a, name_b = escape(Path(run_a).name), escape(Path(run_b).name)
     table = Table(title=f"{name_a} vs {name_b}")
     table.add_column("metric")
@@ -84,4 +109,6 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> Table:
             diff = None if x is None or y is None else y - x
             table.add_row(f"  {escape(label)}", _cell(x), _cell(y), _cell(diff, signed=True))
         table.add_section()
-    return table
+    sources = [Text(f"{side}: evaluation from {source}" if source else f"{side}: no evaluation")
+               for side, source in (("A", source_a), ("B", source_b))]
+    return Group(table, *sources)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import RewardConfig
+from ..config import NONTOXIC_LABEL, RewardConfig
 from .base import Scorer, log_odds
 from .builtin import HateSonarScorer, ProfanityScorer
 from .classifier import ClassifierScorer, label_index, reward_from_logits
@@ -26,7 +26,7 @@ def build_reward(config: RewardConfig, device: str = "cpu", trust_remote_code: b
     )
 
 
-def build_evaluator(spec: str, nontoxic_label: str = "nothate", device: str = "cpu") -> Scorer:
+def build_evaluator(spec: str, nontoxic_label: str = NONTOXIC_LABEL, device: str = "cpu") -> Scorer:
     """A held-out evaluator by name: a built-in scorer, or any classifier id/path."""
     if spec in BUILTIN:
         return BUILTIN[spec]()

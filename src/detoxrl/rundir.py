@@ -1,0 +1,225 @@
+"""The run directory: what a run writes where, how it is written, and how a finished run is recognised.
+
+Layout of ``detoxrl train --output_dir RUN``::
+
+    config.yaml        the resolved configuration (written first)
+    checkpoints/       step-N/ (atomic, the last save_total_limit kept)
+    logs/              TensorBoard event files
+    history.jsonl      per-step statistics, rewritten after every step
+    adapter/           LoRA adapter + value head (safetensors) + tokenizer
+    report.html, samples.csv, responses.jsonl
+                       the end-of-training evaluation
+    eval/              ``detoxrl evaluate RUN``: its own report, samples, responses and metrics.json
+    metrics.json       written last: a run without it did not finish
+
+Every file is written to a temporary name in the same directory and renamed into place, so a crash,
+a kill or a full disk leaves the old file or the new one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DetoxError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run (or of an ``eval/`` directory, which holds the evaluation's files)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def history(self) -> Path:
+        return self.path / "history.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        """Written last: its presence marks a finished run."""
+        return self.path / "metrics.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples.csv"
+
+    @property
+    def responses(self) -> Path:
+        return self.path / "responses.jsonl"
+
+    @property
+    def eval(self) -> Path:
+        """Where ``detoxrl evaluate`` writes by default."""
+        return self.path / "eval"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def is_finished(self) -> bool:
+        return self.metrics.is_file()
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to a temporary file next to ``path``, then rename it over ``path``."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise DetoxError(f"could not write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a float becomes null; NumPy scalars become Python numbers."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # a NumPy or torch scalar
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+def json_ready(data: Any) -> Any:
+    """``data`` with every non-finite float replaced by null, for strict JSON."""
+    if isinstance(data, Mapping):
+        return {str(k): json_ready(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_ready(v) for v in data]
+    return finite_or_none(data)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    """``data`` as indented, strict JSON (non-finite floats as null), written atomically."""
+    return atomic_write_text(path, json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
+
+
+def atomic_write_dir(target: str | Path, write: Callable[[Path], None], what: str | None = None) -> Path:
+    """Let ``write`` fill a staging directory next to ``target``, then rename it to ``target``.
+
+    An existing ``target`` is replaced only once the new one is complete. ``what`` names the contents in
+    the error message ("could not save the adapter to ...").
+    """
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        action = f"save {what} to" if what else "write"
+        raise DetoxError(f"could not {action} {target}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+# ----------------------------------------------------------------------------------------------- history
+
+
+def write_history(history: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Rewrite the per-step log, one JSON object per line, non-finite values as null."""
+    lines = (json.dumps(json_ready(row), allow_nan=False) + "\n" for row in history)
+    return atomic_write_text(path, "".join(lines))
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """The per-step log; an absent file is an empty history, an unreadable one a user error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DetoxError(f"cannot read {path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------- the directory
+
+
+def prepare_output_dir(out: str | Path, resume: bool) -> tuple[bool, bool]:
+    """Refuse to overwrite a finished or foreign run; create the directory and check that it is writable.
+
+    Returns (created, was_empty): whether the directory was created here, and whether it existed but was
+    empty. Both tell :func:`remove_partial_run` what a failed run may remove.
+    """
+    out = Path(out)
+    if RunDir(out).is_finished():
+        raise DetoxError(f"{out} already holds a finished run; choose another --output_dir")
+    if out.exists() and not out.is_dir():
+        raise DetoxError(f"--output_dir {out} is a file, not a directory")
+    created = not out.exists()
+    try:
+        was_empty = not created and not any(out.iterdir())
+    except OSError as exc:
+        raise DetoxError(f"cannot read output directory {out}: {exc.strerror or exc}") from exc
+    if not created and not resume and not was_empty:
+        raise DetoxError(f"{out} is not empty; pass --resume to continue its run or choose another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise DetoxError(f"cannot write to output directory {out}: {exc.strerror or exc}") from exc
+    return created, was_empty
+
+
+def remove_partial_run(out: str | Path, keep_directory: bool) -> None:
+    """Delete what a failed run wrote: the whole directory, or only its contents (best effort)."""
+    out = Path(out)
+    if not keep_directory:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    try:
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    except OSError:
+        pass
