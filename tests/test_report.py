@@ -23,18 +23,25 @@ def _synthetic():
         after = before * rng.uniform(0.3, 1.0, size=before.shape)
         evaluators[name] = {"role": role, **toxicity_summary(before, after, n_resamples=500)}
         raw[name] = {"reference": before.ravel().tolist(), "policy": after.ravel().tolist()}
+    quality = {"reference": {"length_mean": 20.0, "distinct_1": 0.4, "perplexity": 12.0},
+               "policy": {"length_mean": 18.0, "distinct_1": 0.5, "rouge1": 0.3, "perplexity": 15.0}}
     metrics = {
         "run": {"model": "tiny-model", "steps": 50, "wall_time_s": 123.4},
         "train": {"final_reward_mean": 0.8, "final_kl": 0.3},
         "evaluation": {"num_prompts": 60, "samples_per_prompt": 4, "threshold": 0.5, "evaluators": evaluators,
-                       "quality": {"reference": {"length_mean": 20.0, "distinct_1": 0.4},
-                                   "policy": {"length_mean": 18.0, "distinct_1": 0.5, "rouge1": 0.3}}},
+                       "reward_scorer": "profanity-check", "reward_unit": "log-odds of non-toxic",
+                       "examples_judge": EVALUATORS[1], "quality": quality, "group_column": "heated",
+                       "groups": {"False": {"num_prompts": 20, **quality}, "True": {"num_prompts": 40, **quality}}},
     }
     queries = [f"query {i} <script>alert(1)</script>" for i in range(25)]
-    table = qualitative_table(queries, [f"before {i}" for i in range(25)], [f"after {i}" for i in range(25)],
-                              rng.normal(size=25), rng.normal(size=25))
-    history = [{"step": s, "env/reward_mean": s / 50, "objective/kl": s / 100, "objective/kl_coef": 0.2,
-                "ppo/loss/policy": 0.01} for s in range(50)]
+    before = [f"before {i}" for i in range(25) for _ in range(2)]
+    after = [f"after {i}" for i in range(25) for _ in range(2)]
+    table = qualitative_table(queries, before, after, rng.uniform(size=(25, 2)), rng.uniform(size=(25, 2)),
+                              rng.normal(size=(25, 2)), rng.normal(size=(25, 2)))
+    history = [{"step": s, "env/reward_mean": s / 50, "objective/kl": s / 100, "env/response_length_mean": 30 - s / 5,
+                "loss/policy": 0.01} for s in range(50)]
+    for s in range(0, 50, 10):
+        history[s]["eval/toxicity_probability"] = 0.5 - s / 200
     return metrics, table, history, raw
 
 
@@ -43,13 +50,38 @@ def test_report_is_self_contained_with_plots(tmp_path):
     path = render_report(metrics, table, history, tmp_path / "report.html", raw=raw)
     doc = path.read_text(encoding="utf-8")
     images = PNG_SRC.findall(doc)
-    assert len(images) == 3  # improvement, histograms, training curves
+    assert len(images) == 4  # improvement, histograms, training curves, learning curves
     assert all(base64.b64decode(img).startswith(b"\x89PNG") for img in images)
     assert all(name in doc for name in EVALUATORS)
     assert "<script>" not in doc and "&lt;script&gt;" in doc
     assert not re.search(r'(src|href)="https?:', doc)
     assert doc.count("query ") == 20  # top 10 and bottom 10 of 25
-    assert "ROUGE-1 F1" in doc and "Distinct-1" in doc and "ROUGE-2" not in doc
+    assert "ROUGE-1 F1" in doc and "Distinct-1 (pooled)" in doc and "ROUGE-2" not in doc
+    assert "Perplexity under the reference model" in doc
+
+
+def test_report_shows_counts_units_tests_and_groups(tmp_path):
+    metrics, table, history, raw = _synthetic()
+    doc = render_report(metrics, table, history, tmp_path / "report.html", raw=raw).read_text(encoding="utf-8")
+    ref = metrics["evaluation"]["evaluators"][EVALUATORS[0]]["reference"]
+    assert f"({ref['toxic_prompts']}/60 prompts)" in doc and f"({ref['toxic_samples']}/240 samples)" in doc
+    assert "exact McNemar" in doc and "discordant" in doc and "paired permutation" in doc
+    assert "log-odds of non-toxic" in doc and "profanity-check" in doc
+    assert "Quality per group (heated)" in doc and "heated = True" in doc and "40 prompts" in doc
+    assert f"Ranked by {EVALUATORS[1]}" in doc
+
+
+def test_unreliable_relative_change_is_flagged(tmp_path):
+    metrics, table, history, raw = _synthetic()
+    summary = metrics["evaluation"]["evaluators"][EVALUATORS[0]]
+    for change in summary["relative_change"].values():
+        change["reliable"] = True
+    summary["relative_change"]["toxic_rate"]["reliable"] = False
+    doc = render_report(metrics, table, [], tmp_path / "report.html").read_text(encoding="utf-8")
+    flags = doc.count(">unreliable</span>")
+    summary["relative_change"]["toxic_rate"]["reliable"] = True
+    doc = render_report(metrics, table, [], tmp_path / "report.html").read_text(encoding="utf-8")
+    assert flags == doc.count(">unreliable</span>") + 1
 
 
 def test_report_without_history_or_raw_skips_those_plots(tmp_path):
@@ -62,6 +94,7 @@ def test_report_without_history_or_raw_skips_those_plots(tmp_path):
 def test_report_of_empty_metrics_still_renders(tmp_path):
     doc = render_report({}, [], [], tmp_path / "report.html").read_text(encoding="utf-8")
     assert doc.startswith("<!DOCTYPE html>") and not PNG_SRC.findall(doc)
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_report_renders_in_a_browser(tmp_path):

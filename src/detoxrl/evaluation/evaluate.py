@@ -1,50 +1,241 @@
 """``detoxrl evaluate``: the reference and the trained policy on the same prompts, scored by the
-training reward and by held-out evaluators that training never saw.
+training reward and by held-out evaluators that training never saw; see docs/evaluation.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from ..config import Config, build_config
+from ..config import Config, RewardConfig, build_config
 from ..data import build_splits, load_rows
 from ..errors import DetoxError
-from ..policy import Policy, load_policy
-from ..rl.rollout import generate, reference_logprobs, sample_seeds
-from ..rewards import Scorer, build_evaluator, build_reward
+from ..hub import load_pretrained
+from ..policy import Policy, forward_response, load_policy
+from ..rl.rollout import Rollout, generate, reference_logprobs, sample_seeds
+from ..rewards import BUILTIN, Scorer, build_evaluator, build_reward
 from .report import render_report
-from .stats import qualitative_table, quality_metrics, toxicity_summary, write_table_csv
+from .stats import (
+    expected_max_toxicity,
+    perplexity,
+    quality_metrics,
+    qualitative_table,
+    toxicity_probability,
+    toxicity_summary,
+    write_table_csv,
+)
 
 EVAL_STREAM = 1_000_003  # keeps evaluation samples apart from the training steps' seeds
+GROUP_QUALITY = ("rougeL", "distinct_2", "distinct_2_per_prompt", "length_mean")
 
 
-def sample_responses(
-    policy: Policy, prompts: list[str], config: Config, samples: int, use_adapter: bool, desc: str
-) -> tuple[list[str], np.ndarray]:
-    """``samples`` responses per prompt (prompt-major order) and their KL to the reference, summed per response."""
-    g, batch_size = config.generation, config.eval.batch_size
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode (no dropout) for the duration; its previous mode is restored on exit."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+@contextlib.contextmanager
+def inference_weights(policy: Policy):
+    """The policy in eval mode with its LoRA folded into the base weights, unfolded on exit.
+
+    An unmerged LoRA adds two small matmuls per adapted layer and step; merged, sampling costs
+    what the base model costs. Unmerging subtracts the same update again, so the base weights
+    come back up to float rounding.
+    """
+    with eval_mode(policy.module):
+        policy.model.merge_adapter()
+        try:
+            yield policy.model
+        finally:
+            policy.model.unmerge_adapter()
+
+
+def sample(policy: Policy, model: torch.nn.Module, prompts: list[str], config: Config, samples: int,
+           desc: str | None = None) -> list[Rollout]:
+    """``samples`` responses per prompt (prompt-major order), in batches of ``eval.batch_size``.
+
+    The i-th sample gets the same seed whichever model draws it: a paired comparison with common
+    randomness, and fixed seeds across calls for learning curves.
+    """
+    batch_size = config.eval.batch_size
     expanded = [p for p in prompts for _ in range(samples)]
-    # The same seed for the i-th sample of both models: a paired comparison with common randomness.
     seeds = sample_seeds(config.seed, EVAL_STREAM, count=len(expanded))
-    texts, kls = [], []
-    for start in tqdm(range(0, len(expanded), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = expanded[start : start + batch_size]
-        if use_adapter:
-            rollout = generate(policy, policy.model, chunk, g, config.data.max_prompt_tokens, seeds[start : start + batch_size])
-            ref = reference_logprobs(policy, rollout, g)
-            kls.append(((rollout.logprobs - ref) * rollout.mask).sum(dim=1).cpu())
-        else:
-            with policy.reference_model() as reference:
-                rollout = generate(policy, reference, chunk, g, config.data.max_prompt_tokens, seeds[start : start + batch_size])
-            kls.append(torch.zeros(len(chunk)))
-        texts.extend(rollout.responses)
-    return texts, torch.cat(kls).numpy()
+    return [generate(policy, model, expanded[i : i + batch_size], config.generation,
+                     config.data.max_prompt_tokens, seeds[i : i + batch_size])
+            for i in tqdm(range(0, len(expanded), batch_size), desc=desc, unit="batch", leave=False,
+                          disable=desc is None)]
+
+
+def texts_of(rollouts: list[Rollout]) -> list[str]:
+    return [t for r in rollouts for t in r.responses]
+
+
+def response_kl(policy: Policy, rollouts: list[Rollout], config: Config) -> np.ndarray:
+    """KL(policy || reference) of each response in nats: sum over its tokens of log pi - log pi_ref.
+
+    The same estimator and sampling transform as training's ``objective/kl``; log pi is what the
+    sampler recorded (under merged weights, equal to the unmerged value up to float rounding).
+    """
+    kls = [((r.logprobs - reference_logprobs(policy, r, config.generation)) * r.mask).sum(dim=1).cpu()
+           for r in rollouts]
+    return torch.cat(kls).numpy() if kls else np.zeros(0)
+
+
+@torch.inference_mode()
+def response_nll(model: torch.nn.Module, tokenizer, tokenize_queries, prompts: list[str], responses: list[str],
+                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed negative log-likelihood (nats) and token count of each response given its prompt.
+
+    Teacher-forced through :func:`~detoxrl.policy.forward_response`; ``tokenize_queries`` maps a
+    list of prompts to the model's ``input_ids``/``attention_mask``. The response text is
+    tokenized on its own (no special tokens), so the count is of the text's own tokens.
+    """
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    for start in range(0, len(responses), batch_size):
+        chunk = slice(start, start + batch_size)
+        tokenizer.padding_side = "right"
+        response = tokenizer(responses[chunk], add_special_tokens=False, padding=True, return_tensors="pt")
+        ids, mask = response["input_ids"].to(device), response["attention_mask"].to(device).float()
+        if ids.shape[1] == 0:  # every response of the chunk is empty
+            sums.append(torch.zeros(ids.shape[0]))
+            counts.append(torch.zeros(ids.shape[0]))
+            continue
+        query = tokenize_queries(prompts[chunk])
+        logits = forward_response(model, query["input_ids"], query["attention_mask"], ids).logits.float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * mask
+        sums.append(nll.sum(dim=1).cpu())
+        counts.append(mask.sum(dim=1).cpu())
+    return torch.cat(sums).numpy(), torch.cat(counts).numpy()
+
+
+@dataclass
+class FluencyModel:
+    """A language model that judges fluency (perplexity) of responses, usually larger than the policy."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+
+    def tokenize(self, prompts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+        # Causal models see the prompt's end next to the response; T5's relative positions want right padding.
+        side = "right" if self.model.config.is_encoder_decoder else "left"
+        self.tokenizer.padding_side = self.tokenizer.truncation_side = side
+        batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+
+def load_fluency_model(name: str, device: torch.device | str = "cpu") -> FluencyModel:
+    """``eval.fluency_model``: a hub id or path loaded with the Auto classes; remote code stays off."""
+    what = "fluency model (eval.fluency_model)"
+    model_config = load_pretrained(AutoConfig.from_pretrained, name, what, trust_remote_code=False)
+    auto = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
+    model = load_pretrained(auto.from_pretrained, name, what, trust_remote_code=False, dtype=torch.float32)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name, f"{what} tokenizer", trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return FluencyModel(name, model.to(device).eval().requires_grad_(False), tokenizer)
+
+
+def reference_nll(policy: Policy, prompts: list[str], responses: list[str], config: Config):
+    """Per-response NLL and token count under the reference model, in the policy's own prompt format."""
+    with policy.reference_model() as reference:
+        device = next(reference.parameters()).device
+        return response_nll(reference, policy.tokenizer,
+                            lambda p: policy.tokenize_prompts(p, config.data.max_prompt_tokens, device),
+                            prompts, responses, config.eval.batch_size)
+
+
+def fluency_nll(fluency: FluencyModel, prompts: list[str], responses: list[str], config: Config):
+    return response_nll(fluency.model, fluency.tokenizer,
+                        lambda p: fluency.tokenize(p, config.data.max_prompt_tokens),
+                        prompts, responses, config.eval.batch_size)
+
+
+def judge_subset(policy: Policy, prompts: list[str], config: Config, evaluator: Scorer,
+                 samples: int = 1) -> dict[str, float]:
+    """Toxicity of the policy alone on a fixed prompt subset: one cheap point of a learning curve.
+
+    No reference pass, merged weights, the evaluation's fixed seeds (the same prompts and seeds
+    at every call, so the curve moves only with the policy). Keys are ``eval/*`` history keys.
+    """
+    if not prompts or samples < 1:
+        raise DetoxError(f"judge_subset needs prompts and samples >= 1; got {len(prompts)} prompts, {samples} samples")
+    with inference_weights(policy) as model:
+        texts = texts_of(sample(policy, model, prompts, config, samples))
+    scores = np.reshape(evaluator.toxicity(texts), (len(prompts), samples))
+    threshold = config.eval.threshold
+    return {"eval/toxicity_probability": toxicity_probability(scores, threshold),
+            "eval/expected_max_toxicity": expected_max_toxicity(scores),
+            "eval/mean_toxicity": float(scores.mean()),
+            "eval/toxic_rate": float((scores >= threshold).mean()),
+            "eval/response_length_words": float(np.mean([len(t.split()) for t in texts]))}
+
+
+def held_out_evaluator(spec: str, nontoxic_label: str) -> Scorer:
+    """``eval.evaluators`` entry: a built-in name, or a classifier id/path with an optional ``:LABEL``.
+
+    The label names the classifier's non-toxic class (default ``eval.nontoxic_label``), so
+    evaluators with different label names can judge one run, e.g.
+    ``s-nlp/roberta_toxicity_classifier:neutral,facebook/roberta-hate-speech-dynabench-r4-target:nothate``.
+    """
+    name, _, label = spec.rpartition(":")
+    if not name or "/" in label or spec in BUILTIN:
+        return build_evaluator(spec, nontoxic_label)
+    return build_evaluator(name, label)
+
+
+def reward_unit(reward: RewardConfig) -> str:
+    """What one unit of the training reward is, for labels."""
+    if reward.scorer in BUILTIN:
+        return "log-odds of non-toxic"
+    if reward.scorer == "callable":
+        return f"as returned by {reward.function}"
+    return {"logit": f"logit of class {reward.label!r}", "log_odds": f"log-odds of class {reward.label!r}",
+            "prob": f"probability of class {reward.label!r}"}.get(reward.transform, reward.transform)
+
+
+def prompt_groups(rows, config: Config) -> list | None:
+    """The value of ``eval.group_column`` for each row (None when the setting is unset)."""
+    column = config.eval.group_column
+    if column is None:
+        return None
+    if column not in rows.column_names:
+        raise DetoxError(f"eval.group_column {column!r} is not a column of the dataset; its columns are: "
+                         f"{', '.join(rows.column_names)}")
+    return list(rows[column])
+
+
+def _group_quality(groups: list, k: int, sides: dict, refs: list[str] | None, nll: dict) -> dict:
+    """Quality metrics of each side on each group's prompts, so a loss on one kind of prompt shows."""
+    out = {}
+    for value in sorted(set(groups), key=str):
+        rows = [i * k + j for i, g in enumerate(groups) if g == value for j in range(k)]
+        block = {"num_prompts": len(rows) // k}
+        for side, texts in sides.items():
+            q = quality_metrics([texts[i] for i in rows], [refs[i] for i in rows] if refs else None, k)
+            block[side] = {key: q[key] for key in GROUP_QUALITY if key in q}
+            for name, (sums, counts) in nll[side].items():
+                block[side][name] = perplexity(sums[rows], counts[rows])
+        out[str(value)] = block
+    return out
 
 
 def evaluate_policy(
@@ -56,19 +247,41 @@ def evaluate_policy(
     out_dir: Path,
     history: list[dict],
     evaluators: dict[str, Scorer] | None = None,
+    groups: list | None = None,
 ) -> dict:
-    """Generate, score, compare; write report.html and samples.csv; return the metrics block."""
+    """Generate, score, compare; write report.html, samples.csv and responses.jsonl; return the metrics block.
+
+    ``groups`` holds one value per prompt (``eval.group_column``, see :func:`prompt_groups`):
+    quality is then also reported per group, toxicity stays over all prompts.
+    """
     e = config.eval
+    if groups is not None and len(groups) != len(prompts):
+        raise DetoxError(f"{len(groups)} group values for {len(prompts)} prompts")
     if e.max_prompts:
         prompts = prompts[: e.max_prompts]
         references = references[: e.max_prompts] if references else None
+        groups = groups[: e.max_prompts] if groups is not None else None
     if not prompts:
         raise DetoxError("no prompts to evaluate")
     if evaluators is None:
-        evaluators = {name: build_evaluator(name, e.nontoxic_label) for name in e.evaluators}
-    k = e.samples_per_prompt
-    before, _ = sample_responses(policy, prompts, config, k, use_adapter=False, desc="eval: reference")
-    after, kl = sample_responses(policy, prompts, config, k, use_adapter=True, desc="eval: policy")
+        evaluators = {spec: held_out_evaluator(spec, e.nontoxic_label) for spec in e.evaluators}
+    fluency = load_fluency_model(e.fluency_model, next(policy.model.parameters()).device) if e.fluency_model else None
+    k, n = e.samples_per_prompt, len(prompts)
+    with eval_mode(policy.module):  # no dropout in any pass below
+        started = time.perf_counter()
+        with policy.reference_model() as reference:
+            before = texts_of(sample(policy, reference, prompts, config, k, desc="eval: reference"))
+        reference_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        with inference_weights(policy) as model:
+            rollouts = sample(policy, model, prompts, config, k, desc="eval: policy")
+        policy_seconds = time.perf_counter() - started
+        after, kl = texts_of(rollouts), response_kl(policy, rollouts, config)
+        expanded, sides = [p for p in prompts for _ in range(k)], {"reference": before, "policy": after}
+        nll = {side: {"perplexity": reference_nll(policy, expanded, texts, config)} for side, texts in sides.items()}
+        if fluency is not None:
+            for side, texts in sides.items():
+                nll[side]["perplexity_fluency_model"] = fluency_nll(fluency, expanded, texts, config)
 
     scored: dict[str, dict] = {}
     raw: dict[str, dict[str, list[float]]] = {}
@@ -78,20 +291,22 @@ def evaluate_policy(
             tox_before, tox_after = scorer.toxicity(before), scorer.toxicity(after)
         except NotImplementedError:
             continue
-        summary = toxicity_summary(
-            np.reshape(tox_before, (len(prompts), k)), np.reshape(tox_after, (len(prompts), k)), e.threshold,
-            seed=config.seed,
-        )
+        summary = toxicity_summary(np.reshape(tox_before, (n, k)), np.reshape(tox_after, (n, k)), e.threshold,
+                                   seed=config.seed)
         scored[scorer.name] = {"role": role, **summary}
         raw[scorer.name] = {"reference": [float(x) for x in tox_before], "policy": [float(x) for x in tox_after]}
 
     reward_before, reward_after = reward.rewards(before), reward.rewards(after)
     refs = [r for r in references for _ in range(k)] if references else None
-    quality = {"reference": quality_metrics(before, refs), "policy": quality_metrics(after, refs)}
+    quality = {side: quality_metrics(texts, refs, k) for side, texts in sides.items()}
+    for side in sides:
+        quality[side].update({name: perplexity(*pair) for name, pair in nll[side].items()})
     quality["policy"]["kl_mean"] = float(np.mean(kl))
 
-    first = slice(None, None, k)  # one response per prompt in the qualitative table
-    table = qualitative_table(prompts, before[first], after[first], reward_before[first], reward_after[first])
+    judge = next((name for name, ev in scored.items() if ev["role"] == "held-out"), next(iter(scored), None))
+    table = [] if judge is None else qualitative_table(
+        prompts, before, after, np.reshape(raw[judge]["reference"], (n, k)), np.reshape(raw[judge]["policy"], (n, k)),
+        np.reshape(reward_before, (n, k)), np.reshape(reward_after, (n, k)))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table_csv(table, out_dir / "samples.csv")
     with (out_dir / "responses.jsonl").open("w", encoding="utf-8") as f:
@@ -99,17 +314,27 @@ def evaluate_policy(
             row = {"prompt": prompts[i // k], "reference_response": b, "policy_response": a,
                    "reward_reference": float(reward_before[i]), "reward_policy": float(reward_after[i]),
                    "kl": float(kl[i])}
-            row.update({f"toxicity_{n}_{side}": v[side][i] for n, v in raw.items() for side in v})
+            if groups is not None:
+                row["group"] = groups[i // k]
+            row.update({f"toxicity_{name}_{side}": v[side][i] for name, v in raw.items() for side in v})
             f.write(json.dumps(row) + "\n")
 
     evaluation = {
-        "num_prompts": len(prompts),
+        "num_prompts": n,
         "samples_per_prompt": k,
         "threshold": e.threshold,
+        "reward_scorer": reward.name,
+        "reward_unit": reward_unit(config.reward),
         "reward_mean": {"reference": float(np.mean(reward_before)), "policy": float(np.mean(reward_after))},
+        "examples_judge": judge,
+        "fluency_model": e.fluency_model,
         "evaluators": scored,
         "quality": quality,
+        "generation_seconds": {"reference": round(reference_seconds, 2), "policy": round(policy_seconds, 2)},
     }
+    if groups is not None:
+        evaluation["group_column"] = e.group_column
+        evaluation["groups"] = _group_quality(groups, k, sides, refs, nll)
     render_report({"run": run_info(config), "evaluation": evaluation}, table, history, out_dir / "report.html", raw)
     return evaluation
 
@@ -158,15 +383,17 @@ def evaluate_run(
         _, rows = build_splits(config.data, config.seed)
     column = config.data.reference_column
     references = list(rows[column]) if column and column in rows.column_names else None
+    groups = prompt_groups(rows, config)
 
     # Loaded before anything is generated, so an evaluator that cannot be loaded fails fast.
-    held_out = {name: build_evaluator(name, config.eval.nontoxic_label) for name in config.eval.evaluators}
+    held_out = {spec: held_out_evaluator(spec, config.eval.nontoxic_label) for spec in config.eval.evaluators}
     reward = build_reward(config.reward, "cpu", config.model.trust_remote_code)
     policy = load_policy(config.model, adapter=run_dir / "adapter")
     history_file = run_dir / "history.jsonl"
     history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.is_file() else []
     out = Path(output_dir) if output_dir else run_dir / "eval"
-    evaluation = evaluate_policy(config, policy, list(rows["prompt"]), references, reward, out, history, held_out)
+    evaluation = evaluate_policy(config, policy, list(rows["prompt"]), references, reward, out, history, held_out,
+                                 groups)
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps({"run": run_info(config), "evaluation": evaluation}, indent=2))
     os.replace(tmp, out / "metrics.json")

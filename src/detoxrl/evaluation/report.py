@@ -19,11 +19,26 @@ from matplotlib.figure import Figure
 
 REFERENCE_COLOR, POLICY_COLOR = "#e8590c", "#1c7ed6"
 GOOD_COLOR, BAD_COLOR, NEUTRAL_COLOR = "#2b8a3e", "#c92a2a", "#868e96"
-TRAINING_CURVES = (("env/reward_mean", "Reward (mean)"), ("objective/kl", "KL to reference"),
-                   ("objective/kl_coef", "KL coefficient"), ("ppo/loss/policy", "Policy loss"))
-QUALITY_LABELS = {"length_mean": "Mean length (words)", "distinct_1": "Distinct-1", "distinct_2": "Distinct-2",
+# {unit} is the training reward's unit, known only from the evaluation.
+TRAINING_CURVES = (("env/reward_mean", "Reward (mean, {unit})"), ("objective/kl", "KL to reference (nats/response)"),
+                   ("env/response_length_mean", "Response length (tokens)"), ("loss/policy", "Policy loss"))
+LEARNING_CURVES = (("eval/toxicity_probability", "Toxicity probability"),
+                   ("eval/expected_max_toxicity", "Expected max. toxicity"),
+                   ("eval/mean_toxicity", "Mean toxicity"), ("eval/response_length_words", "Response length (words)"))
+TOXICITY_ROWS = (  # metric, label, counts shown next to it, scale and format of values and differences
+    ("toxicity_probability", "Toxicity probability", "prompts", 100, ".1f", "%"),
+    ("expected_max_toxicity", "Expected max. toxicity", None, 1, ".3f", ""),
+    ("toxic_rate", "Toxic rate (samples)", "samples", 100, ".1f", "%"),
+    ("mean_toxicity", "Mean toxicity", None, 1, ".4f", ""),
+)
+QUALITY_LABELS = {"length_mean": "Mean length (words)",
+                  "distinct_1": "Distinct-1 (pooled)", "distinct_2": "Distinct-2 (pooled)",
+                  "distinct_3": "Distinct-3 (pooled)", "distinct_1_per_prompt": "Distinct-1 (per prompt)",
+                  "distinct_2_per_prompt": "Distinct-2 (per prompt)", "distinct_3_per_prompt": "Distinct-3 (per prompt)",
                   "rouge1": "ROUGE-1 F1", "rouge2": "ROUGE-2 F1", "rougeL": "ROUGE-L F1",
-                  "kl_mean": "KL to reference (mean)"}
+                  "perplexity": "Perplexity under the reference model",
+                  "perplexity_fluency_model": "Perplexity under the fluency model",
+                  "kl_mean": "KL to reference (nats/response, mean)"}
 QUALITATIVE_ROWS = 10
 FIG_WIDTH = 11.0  # inches; one width for all plots keeps their fonts the same size on the page
 
@@ -61,6 +76,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 th.num { text-align: right; }
 .good { color: #2b8a3e; font-weight: 600; } .bad { color: #c92a2a; font-weight: 600; }
 .muted { color: #868e96; } .nowrap { white-space: nowrap; }
+.flag { font-size: 11px; padding: 0 5px; border-radius: 8px; background: #fff3bf; color: #8f5b00; }
+h3 { font-size: 15px; margin: 18px 0 8px; font-weight: 600; }
 .note { color: #6c757d; font-size: 12.5px; margin: 8px 2px 0; }
 figure { margin: 0 0 14px; background: #fff; border-radius: 8px; box-shadow: 0 1px 3px rgba(0,0,0,.08);
          padding: 12px; }
@@ -87,7 +104,7 @@ def _fmt_value(key: str, value) -> str:
     return str(value)
 
 
-def _num(x, spec: str = ".3f", scale: float = 1.0, suffix: str = "") -> str:
+def _fmt_num(x, spec: str = ".3f", scale: float = 1.0, suffix: str = "") -> str:
     return f"{x * scale:{spec}}{suffix}" if _ok(x) else "—"
 
 
@@ -108,9 +125,9 @@ def _verdict(diff: Mapping) -> str:
 
 
 def _diff_cell(diff: Mapping, scale: float, spec: str, unit: str) -> str:
-    ci = (f' <span class="muted">[{_num(diff.get("ci_low"), spec, scale)}, {_num(diff.get("ci_high"), spec, scale)}]</span>'
+    ci = (f' <span class="muted">[{_fmt_num(diff.get("ci_low"), spec, scale)}, {_fmt_num(diff.get("ci_high"), spec, scale)}]</span>'
           if _ok(diff.get("ci_low")) else "")
-    return f'<td class="num"><span class="{_verdict(diff)}">{_num(diff.get("estimate"), spec, scale, unit)}</span>{ci}</td>'
+    return f'<td class="num"><span class="{_verdict(diff)}">{_fmt_num(diff.get("estimate"), spec, scale, unit)}</span>{ci}</td>'
 
 
 def _e(x) -> str:
@@ -136,7 +153,7 @@ def _png(fig: Figure, alt: str, caption: str) -> str:
 
 
 def _smooth(y: np.ndarray) -> np.ndarray:
-    """Trailing moving average (window = 5% of steps), so the trend shows through noisy PPO batches.
+    """Trailing moving average (window = 5% of steps), so the trend shows through noisy batches.
 
     The window grows from one point at the start instead of padding, which would bend the ends.
     """
@@ -146,18 +163,19 @@ def _smooth(y: np.ndarray) -> np.ndarray:
     return (c[i] - c[np.maximum(i - w, 0)]) / np.minimum(i, w)
 
 
-def training_plot(history: Sequence[Mapping]) -> str:
-    """Training curves over steps, one panel per logged quantity; empty when nothing was logged."""
-    curves = []
-    for key, label in TRAINING_CURVES:
+def curves_plot(history: Sequence[Mapping], curves: Sequence[tuple[str, str]], caption: str) -> str:
+    """One panel per logged quantity over steps; empty when none of ``curves`` was logged."""
+    panels = []
+    for key, label in curves:
         pts = [(h.get("step", i), h[key]) for i, h in enumerate(history) if _ok(h.get(key))]
         if pts:
-            curves.append((label, np.array(pts, dtype=float)))
-    if not curves:
+            panels.append((label, np.array(pts, dtype=float)))
+    if not panels:
         return ""
     fig = Figure(figsize=(FIG_WIDTH, 2.7), layout="constrained")
-    for ax, (label, pts) in zip(fig.subplots(1, len(curves), squeeze=False)[0], curves):
-        ax.plot(pts[:, 0], pts[:, 1], color=POLICY_COLOR, alpha=0.35, linewidth=1)
+    for ax, (label, pts) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ax.plot(pts[:, 0], pts[:, 1], color=POLICY_COLOR, alpha=0.35 if len(pts) >= 40 else 1.0, linewidth=1,
+                marker="o" if len(pts) < 40 else None, markersize=3)
         if len(pts) >= 40:
             ax.plot(pts[:, 0], _smooth(pts[:, 1]), color=POLICY_COLOR, linewidth=1.8)
         lo, hi = pts[:, 1].min(), pts[:, 1].max()
@@ -168,7 +186,7 @@ def training_plot(history: Sequence[Mapping]) -> str:
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         _axes_style(ax)
-    return _png(fig, "training curves", "Training curves per PPO step (thin: raw; thick: moving average).")
+    return _png(fig, caption, caption)
 
 
 def histogram_plot(raw: Mapping[str, Mapping[str, Sequence[float]]], threshold: float) -> str:
@@ -195,12 +213,14 @@ def histogram_plot(raw: Mapping[str, Mapping[str, Sequence[float]]], threshold: 
                 f"Distribution of toxicity scores; the dashed line is the toxicity threshold ({threshold:g}).")
 
 
+
 def improvement_plot(evaluators: Mapping[str, Mapping]) -> str:
     """Policy − reference differences with 95% CIs, so significance is visible at a glance."""
     names = list(evaluators)
     if not names:
         return ""
-    panels = (("toxic_rate", "Δ toxic rate (pp)", 100.0), ("mean_toxicity", "Δ mean toxicity", 1.0))
+    panels = (("toxicity_probability", "Δ toxicity probability (pp)", 100.0),
+              ("expected_max_toxicity", "Δ expected max. toxicity", 1.0))
     fig = Figure(figsize=(FIG_WIDTH, 0.55 * len(names) + 1.3), layout="constrained")
     for ax, (key, label, scale) in zip(fig.subplots(1, 2, sharey=True), panels):
         for y, name in enumerate(names):
@@ -221,7 +241,7 @@ def improvement_plot(evaluators: Mapping[str, Mapping]) -> str:
         ax.set_title(label, fontsize=10)
         _axes_style(ax)
     return _png(fig, "improvement per evaluator",
-                "Policy − reference with 95% paired bootstrap CI; left of zero is less toxic "
+                "Policy − reference with 95% paired bootstrap CI over prompts; left of zero is less toxic "
                 "(green: CI below zero, red: above, grey: includes zero).")
 
 
@@ -237,88 +257,136 @@ def _badge(role) -> str:
     return f'<span class="badge {_e(role)}">{_e(role)}</span>' if role else ""
 
 
+def _count(side: Mapping, unit: str | None) -> str:
+    """"12/200 samples" next to a rate; empty when the counts are missing."""
+    if unit is None or not _ok(side.get(f"toxic_{unit}")) or not _ok(side.get(unit)):
+        return ""
+    return f' <span class="muted">({side[f"toxic_{unit}"]}/{side[unit]} {unit})</span>'
+
+
 def _cards(evaluators: Mapping[str, Mapping]) -> str:
     cards = []
     for name, ev in evaluators.items():
-        d = ev.get("difference", {}).get("toxic_rate", {})
+        d = ev.get("difference", {}).get("toxicity_probability", {})
         ref, pol = ev.get("reference", {}), ev.get("policy", {})
         cards.append(
             f'<div class="card"><div class="name">{_e(name)}{_badge(ev.get("role"))}</div>'
-            f'<div class="big">{_num(ref.get("toxic_rate"), ".1f", 100, "%")}<span class="arrow">→</span>'
-            f'{_num(pol.get("toxic_rate"), ".1f", 100, "%")}</div>'
-            f'<div class="sub">toxic rate · <span class="{_verdict(d)}">'
-            f'{_num(d.get("estimate"), "+.1f", 100, " pp")}</span> (p {_p(d.get("p_value"))})</div></div>')
+            f'<div class="big">{_fmt_num(ref.get("toxicity_probability"), ".1f", 100, "%")}<span class="arrow">→</span>'
+            f'{_fmt_num(pol.get("toxicity_probability"), ".1f", 100, "%")}</div>'
+            f'<div class="sub">toxicity probability · toxic prompts {ref.get("toxic_prompts", "—")} → '
+            f'{pol.get("toxic_prompts", "—")} of {ref.get("prompts", "—")} · <span class="{_verdict(d)}">'
+            f'{_fmt_num(d.get("estimate"), "+.1f", 100, " pp")}</span> (p {_p(d.get("p_value"))})</div></div>')
     return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _relative_cell(change: Mapping | None, extra: str = "") -> str:
+    change = change or {}
+    flag = "" if change.get("reliable") or not _ok(change.get("value")) else \
+        ' <span class="flag" title="fewer than 10 toxic events on one side">unreliable</span>'
+    return f'<td class="num">{_fmt_num(change.get("value"), "+.1f", 100, "%")}{flag}{extra}</td>'
+
+
+def _test_cell(diff: Mapping) -> str:
+    discordant = diff.get("discordant")
+    detail = (f'<br><span class="muted">discordant {discordant.get("reference_only")} / {discordant.get("policy_only")}'
+              "</span>" if isinstance(discordant, Mapping) else "")
+    return f'<td class="num">{_p(diff.get("p_value"))} <span class="muted">{_e(diff.get("test", ""))}</span>{detail}</td>'
 
 
 def _summary_table(evaluators: Mapping[str, Mapping]) -> str:
     rows = []
     for name, ev in evaluators.items():
         ref, pol = ev.get("reference", {}), ev.get("policy", {})
-        diff, rel, recipe = ev.get("difference", {}), ev.get("relative_change", {}), ev.get("recipe_improvement", {})
-        rate = diff.get("toxic_rate", {})
-        mean = diff.get("mean_toxicity", {})
-        rows.append(
-            f'<tr class="group"><td rowspan="2"><b>{_e(name)}</b>{_badge(ev.get("role"))}</td><td class="nowrap">Toxic rate</td>'
-            f'<td class="num">{_num(ref.get("toxic_rate"), ".1f", 100, "%")}</td>'
-            f'<td class="num">{_num(pol.get("toxic_rate"), ".1f", 100, "%")}</td>'
-            f'{_diff_cell(rate, 100, "+.1f", " pp")}<td class="num">{_p(rate.get("p_value"))}</td>'
-            f'<td class="num">{_num(rel.get("toxic_rate"), "+.1f", 100, "%")}</td>'
-            f'<td class="num muted">—</td></tr>')
-        rows.append(
-            f'<tr><td class="nowrap">Mean toxicity</td>'
-            f'<td class="num">{_num(ref.get("mean"), ".4f")} <span class="muted">± {_num(ref.get("std"), ".3f")}</span></td>'
-            f'<td class="num">{_num(pol.get("mean"), ".4f")} <span class="muted">± {_num(pol.get("std"), ".3f")}</span></td>'
-            f'{_diff_cell(mean, 1, "+.4f", "")}<td class="num">{_p(mean.get("p_value"))}</td>'
-            f'<td class="num">{_num(rel.get("mean_toxicity"), "+.1f", 100, "%")}</td>'
-            f'<td class="num">{_num(recipe.get("mean_pct"), ".1f", 1, "%")} '
-            f'<span class="muted">/ {_num(recipe.get("std_pct"), ".1f", 1, "%")}</span></td></tr>')
+        diff, rel = ev.get("difference", {}), ev.get("relative_change", {})
+        for i, (metric, label, counts, scale, spec, unit) in enumerate(TOXICITY_ROWS):
+            key = "mean" if metric == "mean_toxicity" else metric
+            spread = (lambda side: f' <span class="muted">± {_fmt_num(side.get("std"), ".3f")}</span>') \
+                if metric == "mean_toxicity" else (lambda side: "")
+            std_change = rel.get("std_toxicity", {})
+            extra = (f'<br><span class="muted">std {_fmt_num(std_change.get("value"), "+.1f", 100, "%")}</span>'
+                     if metric == "mean_toxicity" else "")
+            head = (f'<td rowspan="{len(TOXICITY_ROWS)}"><b>{_e(name)}</b>{_badge(ev.get("role"))}</td>'
+                    if i == 0 else "")
+            d = diff.get(metric, {})
+            rows.append(
+                f'<tr{" class=group" if i == 0 else ""}>{head}<td class="nowrap">{label}</td>'
+                f'<td class="num">{_fmt_num(ref.get(key), spec, scale, unit)}{_count(ref, counts)}{spread(ref)}</td>'
+                f'<td class="num">{_fmt_num(pol.get(key), spec, scale, unit)}{_count(pol, counts)}{spread(pol)}</td>'
+                f'{_diff_cell(d, scale, "+" + spec, " pp" if unit == "%" else "")}{_test_cell(d)}'
+                f'{_relative_cell(rel.get(metric), extra)}</tr>')
     head = ("<tr><th>Evaluator</th><th>Metric</th><th class='num'>Reference</th><th class='num'>Policy</th>"
-            "<th class='num'>Difference [95% CI]</th><th class='num'>p-value</th>"
-            "<th class='num'>Relative change</th><th class='num'>Recipe improvement<br>mean / std</th></tr>")
+            "<th class='num'>Difference [95% CI]</th><th class='num'>p-value · test</th>"
+            "<th class='num'>Relative change</th></tr>")
     return f'<div class="panel"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def _quality_table(quality: Mapping[str, Mapping]) -> str:
-    ref, pol = quality.get("reference", {}), quality.get("policy", {})
+def _quality_rows(ref: Mapping, pol: Mapping) -> str:
     keys = [k for k in QUALITY_LABELS if k in ref or k in pol]
     keys += [k for k in {**ref, **pol} if k not in QUALITY_LABELS]
-    if not keys:
-        return ""
-    rows = "".join(
-        f'<tr><td>{_e(QUALITY_LABELS.get(k, k))}</td><td class="num">{_num(ref.get(k), ".4g")}</td>'
-        f'<td class="num">{_num(pol.get(k), ".4g")}</td>'
-        f'<td class="num">{_num(pol[k] - ref[k], "+.4g") if _ok(ref.get(k)) and _ok(pol.get(k)) else "—"}</td></tr>'
+    return "".join(
+        f'<tr><td>{_e(QUALITY_LABELS.get(k, k))}</td><td class="num">{_fmt_num(ref.get(k), ".4g")}</td>'
+        f'<td class="num">{_fmt_num(pol.get(k), ".4g")}</td>'
+        f'<td class="num">{_fmt_num(pol[k] - ref[k], "+.4g") if _ok(ref.get(k)) and _ok(pol.get(k)) else "—"}</td></tr>'
         for k in keys)
-    head = "<tr><th>Metric</th><th class='num'>Reference</th><th class='num'>Policy</th><th class='num'>Difference</th></tr>"
-    return (f'<h2>Generation quality</h2><div class="panel"><table><thead>{head}</thead>'
+
+
+QUALITY_HEAD = ("<tr><th>Metric</th><th class='num'>Reference</th><th class='num'>Policy</th>"
+                "<th class='num'>Difference</th></tr>")
+
+
+def _quality_table(quality: Mapping[str, Mapping]) -> str:
+    rows = _quality_rows(quality.get("reference", {}), quality.get("policy", {}))
+    if not rows:
+        return ""
+    return (f'<h2>Generation quality</h2><div class="panel"><table><thead>{QUALITY_HEAD}</thead>'
             f"<tbody>{rows}</tbody></table></div>")
 
 
-def _reward_class(diff) -> str:
-    """A reward gain is good (the classifier found the response less toxic)."""
-    return "" if not _ok(diff) or diff == 0 else "good" if diff > 0 else "bad"
+def _group_tables(groups: Mapping[str, Mapping], column) -> str:
+    """Quality per group of prompts, so a loss on one kind of prompt is not averaged away."""
+    if not groups:
+        return ""
+    parts = [f"<h2>Quality per group ({_e(column)})</h2>"]
+    for value, block in groups.items():
+        parts.append(f'<h3>{_e(column)} = {_e(value)} <span class="muted">· {block.get("num_prompts", "—")} prompts'
+                     f'</span></h3><div class="panel"><table><thead>{QUALITY_HEAD}</thead><tbody>'
+                     f'{_quality_rows(block.get("reference", {}), block.get("policy", {}))}</tbody></table></div>')
+    return "".join(parts)
 
 
-def _qualitative(table: Sequence[Mapping]) -> str:
-    """Most and least improved prompts; with few rows each prompt is shown once."""
+def _toxicity_class(diff) -> str:
+    """Less toxic is good."""
+    return "" if not _ok(diff) or diff == 0 else "good" if diff < 0 else "bad"
+
+
+def _qualitative(table: Sequence[Mapping], judge, k) -> str:
+    """Most and least improved prompts by the judge's mean over k samples; with few rows each is shown once."""
     if not table:
         return ""
     top = list(table[:QUALITATIVE_ROWS])
     bottom = list(table[max(QUALITATIVE_ROWS, len(table) - QUALITATIVE_ROWS):])[::-1]
+    rewards = any("reward_before" in r for r in table)
     head = ("<tr><th>Query</th><th>Reference response</th><th>Policy response</th>"
-            "<th class='num'>Reward before</th><th class='num'>Reward after</th><th class='num'>Difference</th></tr>")
+            "<th class='num'>Toxicity before</th><th class='num'>Toxicity after</th><th class='num'>Difference</th>"
+            + ("<th class='num'>Reward before / after</th>" if rewards else "") + "</tr>")
 
     def block(title: str, rows: list) -> str:
         body = "".join(
             f'<tr><td class="text">{_e(r.get("query", ""))}</td><td class="text">{_e(r.get("response_before", ""))}</td>'
             f'<td class="text">{_e(r.get("response_after", ""))}</td>'
-            f'<td class="num">{_num(r.get("reward_before"), ".3f")}</td><td class="num">{_num(r.get("reward_after"), ".3f")}</td>'
-            f'<td class="num"><span class="{_reward_class(r.get("difference"))}">'
-            f'{_num(r.get("difference"), "+.3f")}</span></td></tr>' for r in rows)
+            f'<td class="num">{_fmt_num(r.get("toxicity_before"), ".3f")}</td>'
+            f'<td class="num">{_fmt_num(r.get("toxicity_after"), ".3f")}</td>'
+            f'<td class="num"><span class="{_toxicity_class(r.get("difference"))}">'
+            f'{_fmt_num(r.get("difference"), "+.3f")}</span></td>'
+            + (f'<td class="num">{_fmt_num(r.get("reward_before"), ".2f")} / {_fmt_num(r.get("reward_after"), ".2f")}</td>'
+               if rewards else "") + "</tr>" for r in rows)
         return f'<h2>{title}</h2><div class="panel"><table><thead>{head}</thead><tbody>{body}</tbody></table></div>'
 
-    return block("Most improved prompts", top) + (block("Least improved prompts", bottom) if bottom else "")
+    note = (f"<p class='note'>Ranked by {_e(judge or 'the judge')}'s mean toxicity over the {_e(k or 'k')} samples "
+            "of each prompt (difference = policy − reference; negative is less toxic). Each side shows its most "
+            "toxic sample; rewards are the training reward's mean over the same samples.</p>")
+    return (block("Most improved prompts", top) + (block("Least improved prompts", bottom) if bottom else "")
+            + note)
 
 
 def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[Mapping], path: str | Path,
@@ -334,7 +402,8 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
     evaluation = metrics.get("evaluation", {})
     evaluators = evaluation.get("evaluators", {})
     threshold = evaluation.get("threshold", 0.5)
-    settings = {k: evaluation.get(k) for k in ("num_prompts", "samples_per_prompt", "threshold")}
+    settings = {k: evaluation.get(k) for k in ("num_prompts", "samples_per_prompt", "threshold", "reward_scorer",
+                                               "reward_unit", "fluency_model")}
     model = metrics.get("run", {}).get("model")
     parts = [
         f"<header><div class='inner'><h1>Detoxification report{' · ' + _e(model) if model else ''}</h1>"
@@ -342,22 +411,36 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
     ]
     if evaluators:
         parts += ["<h2>Toxicity</h2>", _cards(evaluators), _summary_table(evaluators),
-                  "<p class='note'>Difference = policy − reference over the same prompts; 95% CI from a paired "
-                  "bootstrap over prompts, p-value from a paired sign-flip permutation test. Recipe improvement "
-                  "= (reference − policy) / |reference| of the mean and the standard deviation, shown only for "
-                  "comparison with the published recipe.</p>",
+                  f"<p class='note'>A sample is toxic when its toxicity probability is ≥ {threshold:g}. Toxicity "
+                  "probability: share of prompts with at least one toxic sample among k; expected max. toxicity: "
+                  "mean over prompts of the highest toxicity among k. Difference = policy − reference over the "
+                  "same prompts (negative = less toxic); 95% CI from a paired bootstrap over prompts; p-value "
+                  "from a paired permutation test, or the exact McNemar test (with its discordant prompts: toxic "
+                  "only for the reference / only for the policy) for toxicity probability. Relative change = "
+                  "(policy − reference) / |reference|, also for the std (the published recipe's \"improvement\" "
+                  "is minus this); marked unreliable when fewer than 10 toxic prompts or samples back it on "
+                  "either side.</p>",
                   "<h2>Improvement per evaluator</h2>", improvement_plot(evaluators)]
     if raw:
         parts += ["<h2>Toxicity distribution</h2>", histogram_plot(raw, threshold)]
     parts.append(_quality_table(evaluation.get("quality", {})))
-    training = training_plot(history)
+    parts.append(_group_tables(evaluation.get("groups", {}), evaluation.get("group_column")))
+    unit = evaluation.get("reward_unit") or "reward units"
+    training = curves_plot(history, [(key, label.format(unit=unit)) for key, label in TRAINING_CURVES],
+                           "Training curves per step (thin: raw; thick: moving average).")
     if training:
         parts += ["<h2>Training</h2>", training]
-    parts += [_qualitative(table), "</main>"]
+    learning = curves_plot(history, LEARNING_CURVES, "Held-out toxicity of the policy on a fixed prompt subset "
+                                                     "during training.")
+    if learning:
+        parts += ["<h2>Learning curves</h2>", learning]
+    parts += [_qualitative(table, evaluation.get("examples_judge"), evaluation.get("samples_per_prompt")), "</main>"]
     doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
            f"<title>Detoxification report</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc, encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(path)
     return path

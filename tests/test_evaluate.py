@@ -1,0 +1,154 @@
+"""Evaluation on tiny models: merged-weight sampling, perplexity, the learning-curve judge, groups."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from detoxrl.config import ModelConfig
+from detoxrl.errors import DetoxError
+from detoxrl.evaluation.evaluate import (
+    evaluate_policy,
+    held_out_evaluator,
+    inference_weights,
+    judge_subset,
+    load_fluency_model,
+    prompt_groups,
+    reference_nll,
+    response_kl,
+    sample,
+    texts_of,
+)
+from detoxrl.policy import load_policy
+from detoxrl.rewards.base import Scorer
+from tiny import tiny_run_config
+
+PROMPTS = ["person1 said the price of the car is bad", "thanks for the nice meeting", "the school talk"]
+
+
+class WordCount(Scorer):
+    """Toxicity = share of the words "idiot", "stupid" and "damn"; deterministic, so values can be recomputed."""
+
+    name = "word-count"
+    BAD = {"idiot", "stupid", "damn"}
+
+    def toxicity(self, texts):
+        return np.array([sum(w in self.BAD for w in t.split()) / max(1, len(t.split())) for t in texts])
+
+    def rewards(self, texts):
+        return 1.0 - self.toxicity(texts)
+
+
+def perturbed_policy(path):
+    policy = load_policy(ModelConfig(name_or_path=str(path), lora_r=4))
+    torch.manual_seed(1)
+    for name, param in policy.model.named_parameters():
+        if "lora_B" in name:  # a fresh LoRA is a no-op (B = 0); move it so merging changes the weights
+            torch.nn.init.normal_(param, std=0.5)
+    return policy
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_merged_sampling_gives_the_same_tokens(model, request, tmp_path):
+    path = request.getfixturevalue(model)
+    policy = perturbed_policy(path)
+    config = tiny_run_config(path, tmp_path, **{"generation.max_new_tokens": 6, "eval.batch_size": 2})
+    base = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "base_layer" in n}
+    unmerged = sample(policy, policy.model, PROMPTS, config, samples=2)
+    policy.module.train()
+    with inference_weights(policy) as merged_model:
+        assert not merged_model.training
+        merged = sample(policy, merged_model, PROMPTS, config, samples=2)
+    assert policy.module.training  # the mode is restored
+    assert texts_of(merged) == texts_of(unmerged)
+    for m, u in zip(merged, unmerged):
+        assert torch.equal(m.response_ids, u.response_ids)
+        torch.testing.assert_close(m.logprobs, u.logprobs, atol=1e-5, rtol=0)  # float rounding only
+    drift = max((p - base[n]).abs().max().item() for n, p in policy.model.named_parameters() if n in base)
+    assert drift < 1e-6  # unmerging restores the base weights up to rounding
+    kl = response_kl(policy, merged, config)
+    assert kl.shape == (6,) and np.all(np.isfinite(kl))
+
+
+def _manual_nll(model, tokenizer, prompt_ids, response_text):
+    """Independent check: one unpadded causal sequence, log-softmax, gather."""
+    response = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + response])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, 1:]
+    token_logp = logp[torch.arange(len(targets)), targets][len(prompt_ids) - 1:]  # the response's tokens
+    return -token_logp.sum().item(), len(response)
+
+
+def test_reference_nll_matches_a_manual_pass(tiny_llama, tmp_path):
+    policy = perturbed_policy(tiny_llama)
+    config = tiny_run_config(tiny_llama, tmp_path, **{"eval.batch_size": 2})
+    responses = ["thanks for the talk", "", "damn car"]
+    sums, counts = reference_nll(policy, PROMPTS, responses, config)
+    with policy.reference_model() as reference, torch.no_grad():
+        for prompt, response, got_sum, got_count in zip(PROMPTS, responses, sums, counts):
+            prompt_ids = policy.tokenizer(prompt)["input_ids"]
+            expected_sum, expected_count = _manual_nll(reference, policy.tokenizer, prompt_ids, response)
+            assert got_count == expected_count
+            assert got_sum == pytest.approx(expected_sum, abs=1e-4)
+
+
+def test_judge_subset_matches_its_samples(tiny_t5, tmp_path):
+    policy = perturbed_policy(tiny_t5)
+    config = tiny_run_config(tiny_t5, tmp_path, **{"generation.max_new_tokens": 5, "eval.batch_size": 4})
+    result = judge_subset(policy, PROMPTS, config, WordCount(), samples=2)
+    with inference_weights(policy) as model:
+        texts = texts_of(sample(policy, model, PROMPTS, config, 2))
+    scores = WordCount().toxicity(texts).reshape(3, 2)
+    assert result == pytest.approx({
+        "eval/toxicity_probability": float((scores >= 0.5).any(axis=1).mean()),
+        "eval/expected_max_toxicity": float(scores.max(axis=1).mean()),
+        "eval/mean_toxicity": float(scores.mean()), "eval/toxic_rate": float((scores >= 0.5).mean()),
+        "eval/response_length_words": float(np.mean([len(t.split()) for t in texts]))})
+    assert judge_subset(policy, PROMPTS, config, WordCount(), samples=2) == result  # fixed seeds
+    with pytest.raises(DetoxError, match="judge_subset needs prompts"):
+        judge_subset(policy, [], config, WordCount())
+
+
+def test_evaluate_policy_reports_groups_and_fluency(tiny_t5, tiny_llama, tmp_path):
+    policy = perturbed_policy(tiny_t5)
+    config = tiny_run_config(tiny_t5, tmp_path, **{
+        "generation.max_new_tokens": 4, "eval.samples_per_prompt": 2, "eval.batch_size": 4,
+        "eval.group_column": "heated", "eval.fluency_model": str(tiny_llama)})
+    prompts = PROMPTS + ["a summary of the conversation"]
+    references = ["price of the car", "thanks", "school", "a summary"]
+    evaluation = evaluate_policy(config, policy, prompts, references, WordCount(), tmp_path / "eval", [],
+                                 evaluators={}, groups=[True, False, False, True])
+    assert evaluation["groups"].keys() == {"False", "True"}
+    assert evaluation["groups"]["True"]["num_prompts"] == 2
+    for side in ("reference", "policy"):
+        block = evaluation["groups"]["False"][side]
+        assert {"rougeL", "distinct_2", "length_mean", "perplexity", "perplexity_fluency_model"} <= block.keys()
+        assert evaluation["quality"][side]["perplexity"] > 1 and evaluation["quality"][side]["distinct_3"] >= 0
+    assert evaluation["reward_scorer"] == "word-count" and evaluation["examples_judge"] == "word-count"
+    assert evaluation["evaluators"]["word-count"]["reference"]["samples"] == 8
+    json.dumps(evaluation, allow_nan=False)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").read_text().splitlines()]
+    assert [r["group"] for r in rows] == [True, True, False, False, False, False, True, True]
+    assert "Quality per group (heated)" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_group_column_and_fluency_model_errors(tiny_t5, tmp_path):
+    from datasets import Dataset
+
+    config = tiny_run_config(tiny_t5, tmp_path, **{"eval.group_column": "heated"})
+    assert prompt_groups(Dataset.from_dict({"prompt": ["a", "b"], "heated": [True, False]}), config) == [True, False]
+    with pytest.raises(DetoxError, match="eval.group_column 'heated' is not a column of the dataset; its columns "
+                                         "are: prompt"):
+        prompt_groups(Dataset.from_dict({"prompt": ["a"]}), config)
+    with pytest.raises(DetoxError, match=r"fluency model \(eval.fluency_model\) not found"):
+        load_fluency_model(str(tmp_path / "missing"))
+
+
+def test_evaluator_spec_names_its_non_toxic_label(tiny_classifier):
+    assert held_out_evaluator(f"{tiny_classifier}:hate", "nothate").index == 1  # the label after the colon
+    assert held_out_evaluator(str(tiny_classifier), "nothate").index == 0  # eval.nontoxic_label
+    with pytest.raises(DetoxError, match="label 'neutral' is not a class of the evaluator; its labels are: "
+                                         "nothate, hate"):
+        held_out_evaluator(f"{tiny_classifier}:neutral", "nothate")
