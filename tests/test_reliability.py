@@ -10,8 +10,10 @@ docs/reliability.md lists the cases, the message of each and the test that check
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
+import os
 import re
 import shutil
 import signal
@@ -20,9 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from detoxrl.config import build_config
+from detoxrl.config import DataConfig, build_config
+from detoxrl.data import build_splits
+from detoxrl.errors import DetoxError
+from detoxrl.rundir import RunDir, atomic_write_json, read_history, write_history
 from detoxrl.train import train
 from tiny import subprocess_env, tiny_run_settings, write_yaml
 
@@ -425,6 +431,38 @@ def test_resume_with_corrupt_checkpoint(tmp_path, run_cli, finished_run):
                      "delete it to resume from an earlier one")
     assert (run / "checkpoints" / "step-0000001" / "state.json").is_file()  # kept for the user to inspect
     assert not (run / "metrics.json").exists()
+
+
+def test_build_splits_leaves_the_config_unchanged():
+    """A reference column the dataset lacks is absent from the rows; the caller's settings stay as given."""
+    config = DataConfig(dataset="detoxrl:heated_dialogsum", reference_column="no_such_column")
+    before = dataclasses.asdict(config)
+    train_rows, test_rows = build_splits(config, seed=0)
+    assert dataclasses.asdict(config) == before
+    assert "no_such_column" not in train_rows.column_names and "prompt" in test_rows.column_names
+
+
+def test_history_writes_non_finite_values_as_null(tmp_path):
+    path = write_history([{"step": 1, "loss": float("nan"), "kl": float("inf"), "reward": np.float32(0.5)}],
+                         tmp_path / "history.jsonl")
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+    assert read_history(path) == [{"step": 1, "loss": None, "kl": None, "reward": 0.5}]
+
+
+def test_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+    run.metrics.write_text("old\n")
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(DetoxError, match=f"could not write {re.escape(str(run.metrics))}: No space left on device"):
+        atomic_write_json(run.metrics, {"new": 1})
+    assert run.metrics.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # the temporary file is gone
+    monkeypatch.undo()
+    assert not RunDir(tmp_path / "fresh").is_finished()
+    (tmp_path / "fresh").mkdir()
+    atomic_write_json(RunDir(tmp_path / "fresh").metrics, {"train": {"kl": float("nan")}})
+    assert RunDir(tmp_path / "fresh").is_finished()
+    assert json.loads(RunDir(tmp_path / "fresh").metrics.read_text()) == {"train": {"kl": None}}
 
 
 # ----------------------------------------------------------------------------------------------- evaluate, compare
