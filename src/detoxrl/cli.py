@@ -1,37 +1,117 @@
-"""Command line: ``detoxrl train | evaluate | compare``.
+"""Command line: ``detoxrl train | sft | evaluate | compare | generate | export``.
 
-Every setting of :class:`detoxrl.config.Config` is a flag (``--rl.learning_rate 1e-4``);
-the common ones also have their Hugging Face spelling (``--model_name_or_path``,
+Every setting of :class:`detoxrl.config.Config` is a flag (``--rl.learning_rate 1e-4``) whose help
+shows its type, default and choices; a bare boolean flag means true, and lists take spaces or
+commas. The common ones also have their Hugging Face spelling (``--model_name_or_path``,
 ``--output_dir``, ``--seed``, ``--report_to``). Errors the user can fix print one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 import os
 import signal
 import sys
+import types
+import typing
 import warnings
 from pathlib import Path
 
-from .config import PRESETS, build_config, iter_fields
+from .config import PRESETS, Config, build_config, iter_fields
 from .errors import DetoxError
 
+DEFAULT_PRESET = "smollm2-offline"
 ALIASES = {"model_name_or_path": "model.name_or_path", "steps": "rl.steps", "learning_rate": "rl.learning_rate"}
+SFT_ALIASES = {"model_name_or_path": "model.name_or_path", "learning_rate": "sft.learning_rate",
+               "max_steps": "sft.max_steps"}
+# Settings with a fixed set of values (Config.validate refuses the others).
+CHOICES = {
+    "reward.scorer": ("classifier", "hatesonar", "profanity-check", "callable"),
+    "reward.transform": ("logit", "log_odds", "prob"),
+    "rl.algorithm": ("ppo", "rloo", "grpo"),
+    "rl.loss_normalization": ("token", "sequence"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+}
+CONFIG_HELP = (
+    "YAML file of settings, applied over the preset. Given alone it applies over the built-in defaults, "
+    f"not over the {DEFAULT_PRESET} preset: add --preset {DEFAULT_PRESET} to keep that preset's settings"
+)
+LAYERS = (
+    "Settings are layered: built-in defaults, then --preset (default: smollm2-offline, unless --config is "
+    "given), then --config FILE, then flags. Example: --preset smollm2-offline --config small.yaml {example}."
+)
+
+SETTINGS_USAGE = "detoxrl {command} [--preset NAME] [--config FILE] [--print_config] [--SECTION.SETTING VALUE ...]"
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def not_none(annotation: typing.Any) -> typing.Any:
+    """``int`` for ``int | None``: the type a value has when it is set."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def type_name(annotation: typing.Any) -> str:
+    annotation = not_none(annotation)
+    if typing.get_origin(annotation) is list:
+        return f"list of {type_name(typing.get_args(annotation)[0])}"
+    return annotation.__name__
+
+
+def show(value: typing.Any, limit: int = 60) -> str:
+    """A default as the user would type it, shortened."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "empty"
+    text = json.dumps(value) if isinstance(value, str) and (not value or "\n" in value or " " in value) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def add_config_flags(parser: argparse.ArgumentParser, aliases: dict[str, str], skip: tuple[str, ...]) -> None:
+    """One flag per setting, except the ``skip`` sections that the command does not use."""
+    defaults, offline = Config(), build_config(DEFAULT_PRESET)
+    value = lambda config, name: functools.reduce(getattr, name.split("."), config)  # noqa: E731
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, _, help_text in iter_fields():
+    for name, annotation, help_text in iter_fields():
         section = name.split(".")[0] if "." in name else "run"
+        if section in skip:
+            continue
         group = groups.setdefault(section, parser.add_argument_group(f"{section} settings"))
-        flags = [f"--{name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == name]
-        group.add_argument(*flags, dest=f"cfg:{name}", default=None, metavar="VALUE", help=help_text)
+        flags = [f"--{name}"] + [f"--{alias}" for alias, target in aliases.items() if target == name]
+        kind = not_none(annotation)
+        if kind is bool:  # bare flag = true; "--flag false" still works
+            options = {"nargs": "?", "const": "true", "metavar": "BOOL"}
+        elif typing.get_origin(kind) is list:
+            options = {"nargs": "+", "metavar": type_name(typing.get_args(kind)[0]).upper()}
+        else:
+            options = {"metavar": type_name(annotation).upper()}
+        default, preset = value(defaults, name), value(offline, name)
+        details = f"{type_name(annotation)}; default: {show(default)}"
+        if preset != default:
+            details += f", {DEFAULT_PRESET}: {show(preset)}"
+        if name in CHOICES:
+            details += f"; choices: {', '.join(CHOICES[name])}"
+        group.add_argument(*flags, dest=f"cfg:{name}", default=None, help=f"{help_text} [{details}]".replace("%", "%%"),
+                           **options)
 
 
-def collect_overrides(args: argparse.Namespace) -> dict[str, str]:
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+def split_list(values: list[str]) -> list[str]:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]``: lists take spaces, commas or both."""
+    return [item for value in values for item in value.split(",") if item]
+
+
+def collect_overrides(args: argparse.Namespace) -> dict[str, typing.Any]:
+    return {
+        k[4:]: split_list(v) if isinstance(v, list) else v
+        for k, v in vars(args).items()
+        if k.startswith("cfg:") and v is not None
+    }
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,22 +121,39 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"detoxrl: error: {message} (see {self.prog} --help)\n")
 
 
+def add_layer_flags(parser: argparse.ArgumentParser, aliases: dict[str, str], skip: tuple[str, ...]) -> None:
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help=f"start from a preset (default: {DEFAULT_PRESET} when no --config is given)")
+    parser.add_argument("--config", default=None, metavar="FILE", help=CONFIG_HELP)
+    parser.add_argument("--print_config", action="store_true", help="print the resolved settings as YAML and exit")
+    add_config_flags(parser, aliases, skip)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="detoxrl", description="Detoxify language models with PPO + LoRA.")
+    parser = Parser(prog="detoxrl", description="Detoxify language models with reinforcement learning on a LoRA adapter.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a LoRA adapter with PPO, then evaluate it")
-    train.add_argument("--preset", choices=PRESETS, default=None,
-                       help="start from a preset (default: smollm2-offline when no --config is given)")
-    train.add_argument("--config", default=None, help="YAML file of settings (applied after the preset)")
+    train = sub.add_parser("train", help="train a LoRA adapter with RL, then evaluate it",
+                           epilog=LAYERS.format(example="--rl.steps 2"),
+                           usage=SETTINGS_USAGE.format(command="train") + " [--resume]")
+    add_layer_flags(train, ALIASES, skip=("sft",))
     train.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
-    add_config_flags(train)
+
+    sft = sub.add_parser(
+        "sft", epilog=LAYERS.format(example="--sft.max_steps 2"), usage=SETTINGS_USAGE.format(command="sft"),
+        help="supervised LoRA fine-tuning on (prompt, data.reference_column) pairs; train continues from it",
+        description="Fine-tune a LoRA adapter on the data's reference responses (loss on the target tokens only), "
+        "with the same data, prompt and chat template as train. Continue with RL: "
+        "detoxrl train --model.adapter OUTPUT_DIR/adapter.",
+    )
+    add_layer_flags(sft, SFT_ALIASES, skip=("rl", "reward"))
 
     evaluate = sub.add_parser("evaluate", help="compare a trained run with its reference model")
     evaluate.add_argument("run_dir", help="directory of a detoxrl run (holds config.yaml and adapter/)")
     evaluate.add_argument("--dataset", default=None, help="evaluate on all rows of this file instead of the test split")
     evaluate.add_argument("--samples_per_prompt", type=int, default=None, help="responses per prompt and model")
-    evaluate.add_argument("--evaluators", default=None, help="comma-separated held-out scorers")
+    evaluate.add_argument("--evaluators", nargs="+", default=None, metavar="SCORER",
+                          help="held-out scorers (spaces or commas): hatesonar, profanity-check, a classifier id/path")
     evaluate.add_argument("--max_prompts", type=int, default=None, help="evaluate at most this many prompts")
     evaluate.add_argument("--threshold", type=float, default=None, help="toxicity above which a text is toxic")
     evaluate.add_argument("--output_dir", default=None, help="where to write the report (default: RUN_DIR/eval)")
@@ -64,6 +161,38 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="print two runs' metrics side by side")
     compare.add_argument("run_a")
     compare.add_argument("run_b")
+
+    generate = sub.add_parser(
+        "generate", help="responses of a finished run to new prompts",
+        description="Respond to texts given as arguments, in a file or on stdin, with the run's prompt template, "
+        "chat template and sampling settings. Each prompt has its own seed, so responses do not depend on batching.",
+    )
+    generate.add_argument("run_dir", help="a finished detoxrl run (train or sft)")
+    generate.add_argument("texts", nargs="*", metavar="TEXT", help="texts to put into the run's prompt template")
+    generate.add_argument("--file", default=None,
+                          help="a .txt file (one text per line) or .jsonl file (a 'prompt' field, used as it is, or "
+                          "the data's text column)")
+    generate.add_argument("--no_template", action="store_true", help="send the texts as they are, without the prompt template")
+    generate.add_argument("--temperature", type=float, default=None, help="sampling temperature [default: the run's]")
+    generate.add_argument("--max_new_tokens", type=int, default=None, help="longest response [default: the run's]")
+    generate.add_argument("--seed", type=int, default=None, help="sampling seed [default: the run's]")
+    generate.add_argument("--greedy", action="store_true", help="the most likely tokens instead of sampling")
+    generate.add_argument("--with_reference", action="store_true",
+                          help="also the reference model's response (adapter off), with the same seed")
+    generate.add_argument("--batch_size", type=int, default=None, help="prompts per batch [default: eval.batch_size]")
+    generate.add_argument("--jsonl", action="store_true", help="one JSON object per prompt instead of plain text")
+
+    export = sub.add_parser(
+        "export", help="write a run's adapter, or the merged model, for use without detoxrl",
+        description="Copy a finished run's LoRA adapter as a PEFT directory, or with --merge save base + adapter as "
+        "one transformers model (safetensors, tokenizer, chat template); both with a model card.",
+    )
+    export.add_argument("run_dir", help="a finished detoxrl run (train or sft)")
+    export.add_argument("out", help="new or empty directory to write")
+    export.add_argument("--merge", action="store_true", help="merge the adapter into the base model (merge_and_unload)")
+    export.add_argument("--push_to_hub", default=None, metavar="REPO",
+                        help="then upload to this model hub repository (needs `hf auth login` or HF_TOKEN)")
+    export.add_argument("--private", action="store_true", help="create the hub repository as private")
     return parser
 
 
@@ -84,21 +213,36 @@ def quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity(logging.CRITICAL)
 
 
+def layered_config(args: argparse.Namespace) -> Config:
+    """Defaults, preset, --config file, flags; resuming without --config reuses the run's own settings."""
+    overrides = collect_overrides(args)
+    config_file, preset = args.config, args.preset or (None if args.config else DEFAULT_PRESET)
+    saved = Path(overrides.get("output_dir") or "") / "config.yaml"
+    if getattr(args, "resume", False) and not args.config and not args.preset and "output_dir" in overrides \
+            and saved.is_file():
+        config_file, preset = saved, None
+    return build_config(preset, config_file, overrides)
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "print_config", False):
+        import yaml
+
+        print(yaml.safe_dump(layered_config(args).to_dict(), sort_keys=False), end="")
+        return 0
     quiet_libraries()
     if args.command == "train":
         from .train import train
 
-        overrides = collect_overrides(args)
-        config_file, preset = args.config, args.preset or (None if args.config else "smollm2-offline")
-        saved = Path(overrides.get("output_dir") or "") / "config.yaml"
-        if args.resume and not args.config and not args.preset and "output_dir" in overrides and saved.is_file():
-            config_file, preset = saved, None  # resume with the run's own settings
-        config = build_config(preset, config_file, overrides)
-        out = train(config, resume=args.resume)
+        out = train(layered_config(args), resume=args.resume)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"done: adapter, metrics and report are in {out}")
+    elif args.command == "sft":
+        from .sft import sft
+
+        out = sft(layered_config(args))
+        print(f"done: adapter and metrics are in {out}; continue with: detoxrl train --model.adapter {out / 'adapter'}")
     elif args.command == "evaluate":
         from .evaluation.evaluate import evaluate_run
 
@@ -106,7 +250,7 @@ def run(argv: list[str] | None = None) -> int:
             args.run_dir,
             dataset=args.dataset,
             samples_per_prompt=args.samples_per_prompt,
-            evaluators=args.evaluators.split(",") if args.evaluators else None,
+            evaluators=split_list(args.evaluators) if args.evaluators else None,
             max_prompts=args.max_prompts,
             threshold=args.threshold,
             output_dir=args.output_dir,
@@ -118,6 +262,21 @@ def run(argv: list[str] | None = None) -> int:
         from .evaluation.compare import compare_runs
 
         Console().print(compare_runs(args.run_a, args.run_b))
+    elif args.command == "generate":
+        from .generate import format_rows, generate_run, stdin_lines
+
+        rows = generate_run(
+            args.run_dir, args.texts, args.file, None if args.texts or args.file else stdin_lines(),
+            template=not args.no_template, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+            seed=args.seed, use_greedy=args.greedy, with_reference=args.with_reference, batch_size=args.batch_size,
+        )
+        sys.stdout.write(format_rows(rows, args.jsonl))
+    elif args.command == "export":
+        from .export import export_run
+
+        out = export_run(args.run_dir, args.out, merge=args.merge, hub_repo=args.push_to_hub, private=args.private)
+        print(f"exported {'merged model' if args.merge else 'adapter'} to {out}"
+              + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0
 
 
