@@ -133,3 +133,15 @@ def test_fidelity_weight_adds_rouge_l_against_the_reference(tiny_t5, tmp_path):
     assert stats["env/reward_mean"] == pytest.approx(0.5 + 2.0 * 0.75)
     with pytest.raises(DetoxError, match="fidelity_weight needs the reference response of every training prompt"):
         RLTrainer(trainer.config, trainer.policy, ThanksShare(), PROMPTS)
+
+
+def test_learning_curve_points_are_written_to_the_history(tiny_t5, tmp_path, run_cli):
+    settings = tiny_run_settings(tiny_t5, tmp_path / "run", **{"rl.steps": 2, "eval.curve_steps": 1,
+                                                                 "eval.curve_prompts": 3, "eval.curve_samples": 2,
+                                                                 "eval.evaluators": ["profanity-check"]})
+    code, _, err = run_cli(["train", "--config", write_yaml(tmp_path / "config.yaml", settings)])
+    assert code == 0, err
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    for row in history:
+        assert 0.0 <= row["eval/toxicity_probability"] <= 1.0
+        assert 0.0 <= row["eval/expected_max_toxicity"] <= 1.0

@@ -47,6 +47,13 @@ class ModelConfig:
     system_prompt: str | None = _f(None, "System message for chat templates.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless asked).")
     cache_dir: str | None = _f(None, "Where GGUF models converted to safetensors are cached.")
+    dtype: str = _f("float32", "Frozen base weights: float32 | bfloat16 | float16 | auto (bfloat16 where the device "
+                               "has fast bf16 matmuls, else float32). LoRA, value head and losses stay float32.")
+    gradient_checkpointing: bool = _f(False, "Recompute each layer's activations in the backward pass: less "
+                                             "memory in the update, one more forward pass of time.")
+
+
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -135,6 +142,10 @@ class EvalConfig:
     group_column: str | None = _f(
         None, "Dataset column whose values split the quality metrics per group (e.g. heated)."
     )
+    curve_steps: int = _f(0, "Every this many training steps, judge the policy on a fixed subset of the evaluation "
+                             "prompts with the first evaluator: a learning curve in history.jsonl (0: off).")
+    curve_prompts: int = _f(16, "Prompts in the learning-curve subset.")
+    curve_samples: int = _f(2, "Responses per prompt in the learning-curve subset.")
 
 
 @dataclass
@@ -163,7 +174,8 @@ class Config:
     output_dir: str = _f("outputs/run", "Where the adapter, metrics and report are written.")
     seed: int = _f(0, "Random seed.")
     report_to: list[str] = _f(["tensorboard"], "accelerate trackers (tensorboard, wandb, ...) or none.")
-    mixed_precision: str = _f("no", "no | fp16 | bf16 (GPU).")
+    mixed_precision: str | None = _f(None, "no | fp16 | bf16 (autocast); default: what accelerate launch or its "
+                                           "config says, else no.")
     device: str | None = _f(None, "Force a device (cpu, cuda, cuda:1); default: accelerate decides.")
     save_steps: int = _f(0, "Checkpoint every N steps (0: only at the end).")
     save_total_limit: int = _f(2, "Checkpoints kept.")
@@ -243,10 +255,17 @@ class Config:
             raise DetoxError(f"data.test_size must be between 0 and 1, got {self.data.test_size}")
         if "{text}" not in self.data.prompt_template:
             raise DetoxError("data.prompt_template must contain {text}")
+        for name in ("curve_prompts", "curve_samples"):
+            if getattr(self.eval, name) < 1:
+                raise DetoxError(f"eval.{name} must be at least 1, got {getattr(self.eval, name)}")
+        if self.eval.curve_steps < 0:
+            raise DetoxError(f"eval.curve_steps must be 0 or more, got {self.eval.curve_steps}")
         if self.eval.samples_per_prompt < 1:
             raise DetoxError(f"eval.samples_per_prompt must be at least 1, got {self.eval.samples_per_prompt}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise DetoxError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.model.dtype not in MODEL_DTYPES:
+            raise DetoxError(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model.dtype!r}")
         t = self.sft
         for name in ("batch_size", "gradient_accumulation_steps", "max_target_tokens"):
             if getattr(t, name) < 1:

@@ -89,10 +89,16 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     if accelerator.trackers or config.report_to:
         accelerator.init_trackers("detoxrl", config=flat_hparams(config))
     bar = tqdm(
-        total=config.rl.steps, initial=trainer.step_count, desc="PPO", unit="step", disable=not main, dynamic_ncols=True
+        total=config.rl.steps, initial=trainer.step_count, desc=config.rl.algorithm.upper(), unit="step",
+        disable=not main, dynamic_ncols=True,
     )
+    learning_curve = curve_judge(config, policy, list(test_rows["prompt"]))
 
     def on_step(stats: dict[str, float]) -> None:
+        if learning_curve and stats["step"] % config.eval.curve_steps == 0:
+            point = learning_curve()  # every rank, so that the merged-weight round trip stays identical across ranks
+            stats.update(point)
+            accelerator.log(point, step=trainer.step_count)
         bar.update(1)
         bar.set_postfix(
             reward=f"{stats['env/reward_mean']:.3f}",
@@ -125,10 +131,11 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
         "train": trainer.history[-1] if trainer.history else {},
     }
     if config.eval.enabled and main:
-        from .evaluation.evaluate import evaluate_policy
+        from .evaluation.evaluate import evaluate_policy, prompt_groups
 
         metrics["evaluation"] = evaluate_policy(
-            config, policy, list(test_rows["prompt"]), references(test_rows, config), reward, out, trainer.history
+            config, policy, list(test_rows["prompt"]), references(test_rows, config), reward, out, trainer.history,
+            groups=prompt_groups(test_rows, config),
         )
     metrics["run"]["wall_seconds"] = round(time.time() - started, 1)
     if main:
@@ -136,6 +143,21 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # flushes trackers; also ends the process group, so it comes last
     return out
+
+
+def curve_judge(config: Config, policy, prompts: list[str]):
+    """A function giving one learning-curve point (``eval/*`` keys), or None when eval.curve_steps is 0.
+
+    The subset is the first eval.curve_prompts evaluation prompts, judged by the first held-out evaluator.
+    """
+    e = config.eval
+    if not e.curve_steps or not e.evaluators:
+        return None
+    from .evaluation.evaluate import held_out_evaluator, judge_subset
+
+    judge = held_out_evaluator(e.evaluators[0], e.nontoxic_label)
+    subset = prompts[: e.curve_prompts]
+    return lambda: judge_subset(policy, subset, config, judge, e.curve_samples)
 
 
 def save_adapter(policy, target: Path) -> None:
