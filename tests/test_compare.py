@@ -4,11 +4,13 @@ import io
 import json
 import os
 
+import numpy as np
 import pytest
 from rich.console import Console
 
 from detoxrl.errors import DetoxError
-from detoxrl.evaluation.compare import compare_rows, compare_runs, load_metrics
+from detoxrl.evaluation.compare import Row, compare_rows, compare_runs, load_metrics
+from detoxrl.evaluation.stats import toxicity_summary
 
 
 def _metrics(rate_after, kl, evaluators=("hate",)):
@@ -34,10 +36,39 @@ def _table_text(run_a, run_b) -> str:
 
 def test_rows_cover_both_runs():
     rows = dict(compare_rows(_metrics(0.05, 0.3), _metrics(0.02, 0.6, evaluators=("hate", "other"))))
-    assert ("toxic rate (policy)", 0.05, 0.02) in rows["toxicity · hate"]
-    assert ("toxic rate (reference)", None, 0.1) in rows["toxicity · other"]
-    assert rows["quality"] == [("distinct_1 (reference)", 0.4, 0.4), ("distinct_1 (policy)", 0.5, 0.5)]
-    assert rows["training"] == [("final_kl", 0.3, 0.6)]
+    assert Row("toxic rate (policy)", 0.05, 0.02) in rows["toxicity · hate"]
+    assert Row("toxic rate (reference)", None, 0.1) in rows["toxicity · other"]
+    # a file without the per-prompt metrics shows only what it has
+    assert [row.label for row in rows["toxicity · hate"]] == ["toxic rate (reference)", "toxic rate (policy)",
+                                                             "mean toxicity (reference)", "mean toxicity (policy)"]
+    assert rows["quality"] == [Row("distinct_1 (reference)", 0.4, 0.4), Row("distinct_1 (policy)", 0.5, 0.5)]
+    assert rows["training"] == [Row("final_kl", 0.3, 0.6)]
+
+
+def _evaluated(before, after):
+    """An evaluation block as ``detoxrl evaluate`` writes it: toxicity_summary of [prompts, k] scores."""
+    summary = toxicity_summary(np.array(before), np.array(after), threshold=0.5, n_resamples=200)
+    return {"evaluation": {"evaluators": {"judge": {"role": "held-out", **summary}}}}
+
+
+def test_per_prompt_toxicity_with_counts(tmp_path):
+    """Toxicity probability and expected maximum toxicity (over k = 2 samples) with their toxic counts."""
+    a = _evaluated([[0.9, 0.1], [0.2, 0.3], [0.6, 0.7]], [[0.1, 0.2], [0.2, 0.3], [0.6, 0.1]])
+    b = _evaluated([[0.9, 0.1], [0.2, 0.3], [0.6, 0.7]], [[0.1, 0.2], [0.2, 0.3], [0.4, 0.1]])
+    rows = {row.label: row for row in dict(compare_rows(a, b))["toxicity · judge"]}
+    assert rows["toxicity probability (reference)"] == Row("toxicity probability (reference)", pytest.approx(2 / 3),
+                                                           pytest.approx(2 / 3), "2/3 prompts", "2/3 prompts")
+    assert rows["toxicity probability (policy)"] == Row("toxicity probability (policy)", pytest.approx(1 / 3), 0.0,
+                                                        "1/3 prompts", "0/3 prompts")
+    emt = rows["expected max toxicity (policy)"]
+    assert (emt.a, emt.b) == (pytest.approx((0.2 + 0.3 + 0.6) / 3), pytest.approx((0.2 + 0.3 + 0.4) / 3))
+    assert emt.counts_a == emt.counts_b == "3 prompts"
+    assert rows["toxic rate (reference)"].counts_a == "3/6 samples"
+    assert rows["mean toxicity (policy)"].counts_a is None
+
+    text = _table_text(_write(tmp_path, "a", a), _write(tmp_path, "b", b))
+    assert "0.3333 (1/3 prompts)" in text and "0 (0/3 prompts)" in text and "-0.3333" in text
+    assert "expected max toxicity (policy)" in text and "0.3667" in text and "-0.06667" in text
 
 
 def test_compare_runs_table(tmp_path):

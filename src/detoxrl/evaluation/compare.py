@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Group
 from rich.markup import escape
@@ -18,7 +19,25 @@ from rich.text import Text
 from detoxrl.errors import DetoxError
 from detoxrl.rundir import RunDir
 
-Row = tuple[str, float | None, float | None]
+# A side's toxicity summary (see stats.side_summary): key, label, and the count shown beside the value:
+# toxic_<unit> gives "toxic/all unit" next to a rate, a bare unit "all unit" next to a mean.
+TOXICITY_ROWS = (("toxicity_probability", "toxicity probability", "toxic_prompts"),
+                 ("expected_max_toxicity", "expected max toxicity", "prompts"),
+                 ("toxic_rate", "toxic rate", "toxic_samples"),
+                 ("mean", "mean toxicity", None))
+
+
+class Row(NamedTuple):
+    """One metric of runs A and B; ``counts_*`` are the toxic events behind it, e.g. "3/10 prompts"."""
+
+    label: str
+    a: float | None
+    b: float | None
+    counts_a: str | None = None
+    counts_b: str | None = None
+
+
+Value = tuple[float | None, str | None]  # a metric and its counts
 
 
 def read_metrics(path: Path) -> dict:
@@ -55,27 +74,42 @@ def _number(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def _sections(metrics: dict) -> dict[str, dict[str, float | None]]:
-    """The comparable numbers of one run, grouped into titled sections of label -> value."""
+def _counts(side: dict, count: str | None) -> str | None:
+    """"3/10 prompts" (``toxic_prompts``) or "10 prompts" (``prompts``); None when the metrics lack it."""
+    if count is None:
+        return None
+    unit = count.removeprefix("toxic_")
+    total = side.get(unit)
+    if not isinstance(total, int):
+        return None
+    if count == unit:
+        return f"{total} {unit}"
+    toxic = side.get(count)
+    return f"{toxic}/{total} {unit}" if isinstance(toxic, int) else None
+
+
+def _toxicity(ev: dict) -> dict[str, Value]:
+    """One evaluator's toxicity metrics of both sides; a metric neither side has is left out."""
+    rows = {f"{label} ({side})": (_number(ev.get(side, {}).get(key)), _counts(ev.get(side, {}), count))
+            for key, label, count in TOXICITY_ROWS for side in ("reference", "policy")}
+    return {label: value for label, value in rows.items() if value != (None, None)}
+
+
+def _sections(metrics: dict) -> dict[str, dict[str, Value]]:
+    """The comparable numbers of one run, grouped into titled sections of label -> (value, counts)."""
     evaluation = metrics.get("evaluation", {})
-    sections: dict[str, dict[str, float | None]] = {}
-    for name, ev in evaluation.get("evaluators", {}).items():
-        sections[f"toxicity · {name}"] = {
-            f"{metric} ({side})": _number(ev.get(side, {}).get(key))
-            for metric, key in (("toxic rate", "toxic_rate"), ("mean toxicity", "mean"))
-            for side in ("reference", "policy")
-        }
+    sections = {f"toxicity · {name}": _toxicity(ev) for name, ev in evaluation.get("evaluators", {}).items()}
     quality = evaluation.get("quality", {})
-    sections["quality"] = {f"{key} ({side})": _number(value)
+    sections["quality"] = {f"{key} ({side})": (_number(value), None)
                            for side in ("reference", "policy")
                            for key, value in quality.get(side, {}).items() if _number(value) is not None}
-    sections["training"] = {key: _number(value) for key, value in metrics.get("train", {}).items()
+    sections["training"] = {key: (_number(value), None) for key, value in metrics.get("train", {}).items()
                             if _number(value) is not None}
     return {title: rows for title, rows in sections.items() if rows}
 
 
 def compare_rows(metrics_a: dict, metrics_b: dict) -> list[tuple[str, list[Row]]]:
-    """Per section, (label, value in A, value in B) over the union of both runs' metrics.
+    """Per section, a :class:`Row` per metric over the union of both runs' metrics.
 
     A metric only one run has still appears, with ``None`` for the other, so a
     missing evaluator is visible rather than silently dropped.
@@ -84,12 +118,17 @@ def compare_rows(metrics_a: dict, metrics_b: dict) -> list[tuple[str, list[Row]]
     out = []
     for title in dict.fromkeys([*a, *b]):
         rows_a, rows_b = a.get(title, {}), b.get(title, {})
-        out.append((title, [(label, rows_a.get(label), rows_b.get(label)) for label in dict.fromkeys([*rows_a, *rows_b])]))
+        rows = []
+        for label in dict.fromkeys([*rows_a, *rows_b]):
+            (x, counts_x), (y, counts_y) = rows_a.get(label, (None, None)), rows_b.get(label, (None, None))
+            rows.append(Row(label, x, y, counts_x, counts_y))
+        out.append((title, rows))
     return out
 
 
-def _cell(x: float | None, signed: bool = False) -> str:
-    return "—" if x is None else f"{x:+.4g}" if signed else f"{x:.4g}"
+def _cell(x: float | None, signed: bool = False, counts: str | None = None) -> str:
+    text = "—" if x is None else f"{x:+.4g}" if signed else f"{x:.4g}"
+    return f"{text} ({counts})" if counts else text
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path) -> Group:
@@ -105,9 +144,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> Group:
     table.add_column("B − A", justify="right")
     for title, section in rows:
         table.add_row(f"[bold]{escape(title)}[/bold]")
-        for label, x, y in section:
-            diff = None if x is None or y is None else y - x
-            table.add_row(f"  {escape(label)}", _cell(x), _cell(y), _cell(diff, signed=True))
+        for row in section:
+            diff = None if row.a is None or row.b is None else row.b - row.a
+            table.add_row(f"  {escape(row.label)}", _cell(row.a, counts=row.counts_a),
+                          _cell(row.b, counts=row.counts_b), _cell(diff, signed=True))
         table.add_section()
     sources = [Text(f"{side}: evaluation from {source}" if source else f"{side}: no evaluation")
                for side, source in (("A", source_a), ("B", source_b))]
