@@ -1,6 +1,7 @@
 """Evaluation on tiny models: merged-weight sampling, perplexity, the learning-curve judge, groups."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from detoxrl.config import ModelConfig
 from detoxrl.errors import DetoxError
+from detoxrl.evaluation import evaluate
 from detoxrl.evaluation.evaluate import (
     evaluate_policy,
     held_out_evaluator,
@@ -22,6 +24,8 @@ from detoxrl.evaluation.evaluate import (
 )
 from detoxrl.policy import load_policy
 from detoxrl.rewards.base import Scorer
+from detoxrl.rl.trainer import build_accelerator
+from detoxrl.rundir import RunDir
 from tiny import tiny_run_config
 
 PROMPTS = ["person1 said the price of the car is bad", "thanks for the nice meeting", "the school talk"]
@@ -152,3 +156,34 @@ def test_evaluator_spec_names_its_non_toxic_label(tiny_classifier):
     with pytest.raises(DetoxError, match="label 'neutral' is not a class of the evaluator; its labels are: "
                                          "nothate, hate"):
         held_out_evaluator(f"{tiny_classifier}:neutral", "nothate")
+
+
+def test_evaluate_run_puts_every_model_on_the_accelerators_device(tiny_t5, tiny_classifier, tmp_path, monkeypatch):
+    """Policy, named reference, reward and held-out evaluators go to accelerate's device; config.device decides it."""
+    config = tiny_run_config(tiny_t5, tmp_path / "run", tiny_classifier,
+                             **{"model.reference": str(tiny_t5), "eval.evaluators": [str(tiny_classifier)]})
+    assert build_accelerator(config).device == torch.device("cpu")  # device: cpu is honoured
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    config.save(run.config)
+    load_policy(config.model).save_pretrained(run.adapter)
+
+    seen = {}
+
+    def record(config, policy, prompts, references, reward, out_dir, history, evaluators, groups):
+        seen.update(policy=policy, reward=reward, evaluators=evaluators, out_dir=out_dir)
+        out_dir.mkdir()  # as evaluate_policy does when it writes the report
+        seen["evaluation"] = {"num_prompts": len(prompts)}
+        return seen["evaluation"]
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", record)
+    # "meta" stands for an accelerator here: a module left behind would still be on the CPU
+    monkeypatch.setattr(evaluate, "build_accelerator", lambda config: SimpleNamespace(device=torch.device("meta")))
+    out = evaluate.evaluate_run(run.path)
+
+    modules = [seen["policy"].module, seen["policy"].reference, seen["reward"].model,
+               *(scorer.model for scorer in seen["evaluators"].values())]
+    assert len(modules) == 4
+    assert {p.device for module in modules for p in module.parameters()} == {torch.device("meta")}
+    assert out == seen["out_dir"] == run.eval
+    assert json.loads(RunDir(out).metrics.read_text())["evaluation"] == seen["evaluation"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,10 @@ from ..data import build_splits, load_rows
 from ..errors import DetoxError
 from ..hub import load_pretrained
 from ..policy import Policy, forward_response, load_policy
-from ..rl.rollout import Rollout, generate, reference_logprobs, sample_seeds
 from ..rewards import BUILTIN, Scorer, build_evaluator, build_reward
+from ..rl.rollout import Rollout, generate, reference_logprobs, sample_seeds
+from ..rl.trainer import build_accelerator
+from ..rundir import RunDir, atomic_write_json, atomic_write_text, read_history
 from .report import render_report
 from .stats import (
     expected_max_toxicity,
@@ -189,7 +190,7 @@ def judge_subset(policy: Policy, prompts: list[str], config: Config, evaluator: 
             "eval/response_length_words": float(np.mean([len(t.split()) for t in texts]))}
 
 
-def held_out_evaluator(spec: str, nontoxic_label: str) -> Scorer:
+def held_out_evaluator(spec: str, nontoxic_label: str, device: torch.device | str = "cpu") -> Scorer:
     """``eval.evaluators`` entry: a built-in name, or a classifier id/path with an optional ``:LABEL``.
 
     The label names the classifier's non-toxic class (default ``eval.nontoxic_label``), so
@@ -198,8 +199,8 @@ def held_out_evaluator(spec: str, nontoxic_label: str) -> Scorer:
     """
     name, _, label = spec.rpartition(":")
     if not name or "/" in label or spec in BUILTIN:
-        return build_evaluator(spec, nontoxic_label)
-    return build_evaluator(name, label)
+        return build_evaluator(spec, nontoxic_label, device)
+    return build_evaluator(name, label, device)
 
 
 def reward_unit(reward: RewardConfig) -> str:
@@ -263,9 +264,10 @@ def evaluate_policy(
         groups = groups[: e.max_prompts] if groups is not None else None
     if not prompts:
         raise DetoxError("no prompts to evaluate")
+    device = next(policy.model.parameters()).device
     if evaluators is None:
-        evaluators = {spec: held_out_evaluator(spec, e.nontoxic_label) for spec in e.evaluators}
-    fluency = load_fluency_model(e.fluency_model, next(policy.model.parameters()).device) if e.fluency_model else None
+        evaluators = {spec: held_out_evaluator(spec, e.nontoxic_label, device) for spec in e.evaluators}
+    fluency = load_fluency_model(e.fluency_model, device) if e.fluency_model else None
     k, n = e.samples_per_prompt, len(prompts)
     with eval_mode(policy.module):  # no dropout in any pass below
         started = time.perf_counter()
@@ -307,17 +309,19 @@ def evaluate_policy(
     table = [] if judge is None else qualitative_table(
         prompts, before, after, np.reshape(raw[judge]["reference"], (n, k)), np.reshape(raw[judge]["policy"], (n, k)),
         np.reshape(reward_before, (n, k)), np.reshape(reward_after, (n, k)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_table_csv(table, out_dir / "samples.csv")
-    with (out_dir / "responses.jsonl").open("w", encoding="utf-8") as f:
-        for i, (b, a) in enumerate(zip(before, after)):
-            row = {"prompt": prompts[i // k], "reference_response": b, "policy_response": a,
-                   "reward_reference": float(reward_before[i]), "reward_policy": float(reward_after[i]),
-                   "kl": float(kl[i])}
-            if groups is not None:
-                row["group"] = groups[i // k]
-            row.update({f"toxicity_{name}_{side}": v[side][i] for name, v in raw.items() for side in v})
-            f.write(json.dumps(row) + "\n")
+    out = RunDir(out_dir)
+    out.path.mkdir(parents=True, exist_ok=True)
+    write_table_csv(table, out.samples)
+    lines = []
+    for i, (b, a) in enumerate(zip(before, after)):
+        row = {"prompt": prompts[i // k], "reference_response": b, "policy_response": a,
+               "reward_reference": float(reward_before[i]), "reward_policy": float(reward_after[i]),
+               "kl": float(kl[i])}
+        if groups is not None:
+            row["group"] = groups[i // k]
+        row.update({f"toxicity_{name}_{side}": v[side][i] for name, v in raw.items() for side in v})
+        lines.append(json.dumps(row) + "\n")
+    atomic_write_text(out.responses, "".join(lines))
 
     evaluation = {
         "num_prompts": n,
@@ -335,8 +339,19 @@ def evaluate_policy(
     if groups is not None:
         evaluation["group_column"] = e.group_column
         evaluation["groups"] = _group_quality(groups, k, sides, refs, nll)
-    render_report({"run": run_info(config), "evaluation": evaluation}, table, history, out_dir / "report.html", raw)
+    render_report({"run": run_info(config), "evaluation": evaluation}, table, history, out.report, raw)
     return evaluation
+
+
+def place_policy(policy: Policy, device: torch.device | str) -> Policy:
+    """Move the policy (LoRA model and value head) and a named reference model to ``device``.
+
+    Sampling, scoring and the perplexity passes all run where the policy's parameters are.
+    """
+    policy.module.to(device)
+    if policy.reference is not None:
+        policy.reference.to(device)
+    return policy
 
 
 def run_info(config: Config) -> dict:
@@ -353,10 +368,10 @@ def evaluate_run(
     output_dir: str | Path | None = None,
 ) -> Path:
     """Evaluate a finished (or checkpointed-and-saved) run; returns the directory of the report."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    run = RunDir(run_dir)
+    if not run.config.is_file():
         raise DetoxError(f"{run_dir} is not a detoxrl run directory (config.yaml is missing)")
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+    if not (run.adapter / "adapter_config.json").is_file():
         raise DetoxError(f"{run_dir} has no trained adapter (adapter/adapter_config.json is missing); did training finish?")
     overrides = {
         "eval.samples_per_prompt": samples_per_prompt,
@@ -364,7 +379,7 @@ def evaluate_run(
         "eval.max_prompts": max_prompts,
         "eval.threshold": threshold,
     }
-    config = build_config(config_file=run_dir / "config.yaml", overrides={k: v for k, v in overrides.items() if v is not None})
+    config = build_config(config_file=run.config, overrides={k: v for k, v in overrides.items() if v is not None})
     if config.eval.samples_per_prompt < 1:
         raise DetoxError(f"samples_per_prompt must be at least 1, got {config.eval.samples_per_prompt}")
     if config.eval.max_prompts is not None and config.eval.max_prompts < 1:
@@ -385,16 +400,14 @@ def evaluate_run(
     references = list(rows[column]) if column and column in rows.column_names else None
     groups = prompt_groups(rows, config)
 
+    # accelerate picks the device as in training (config.device forces one); every model goes there.
+    device = build_accelerator(config).device
     # Loaded before anything is generated, so an evaluator that cannot be loaded fails fast.
-    held_out = {spec: held_out_evaluator(spec, config.eval.nontoxic_label) for spec in config.eval.evaluators}
-    reward = build_reward(config.reward, "cpu", config.model.trust_remote_code)
-    policy = load_policy(config.model, adapter=run_dir / "adapter")
-    history_file = run_dir / "history.jsonl"
-    history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.is_file() else []
-    out = Path(output_dir) if output_dir else run_dir / "eval"
-    evaluation = evaluate_policy(config, policy, list(rows["prompt"]), references, reward, out, history, held_out,
-                                 groups)
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps({"run": run_info(config), "evaluation": evaluation}, indent=2))
-    os.replace(tmp, out / "metrics.json")
-    return out
+    held_out = {spec: held_out_evaluator(spec, config.eval.nontoxic_label, device) for spec in config.eval.evaluators}
+    reward = build_reward(config.reward, str(device), config.model.trust_remote_code)
+    policy = place_policy(load_policy(config.model, adapter=run.adapter), device)
+    out = RunDir(output_dir) if output_dir else RunDir(run.eval)
+    evaluation = evaluate_policy(config, policy, list(rows["prompt"]), references, reward, out.path,
+                                 read_history(run.history), held_out, groups)
+    atomic_write_json(out.metrics, {"run": run_info(config), "evaluation": evaluation})
+    return out.path

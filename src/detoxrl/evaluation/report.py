@@ -17,6 +17,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..rundir import atomic_write_text
+
 REFERENCE_COLOR, POLICY_COLOR = "#e8590c", "#1c7ed6"
 GOOD_COLOR, BAD_COLOR, NEUTRAL_COLOR = "#2b8a3e", "#c92a2a", "#868e96"
 # {unit} is the training reward's unit, known only from the evaluation.
@@ -440,7 +442,4 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
            f"<title>Detoxification report</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, doc)

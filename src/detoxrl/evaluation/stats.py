@@ -13,12 +13,15 @@ quantities (a zero denominator, no data) are ``None`` so that they survive a rou
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
+
+from ..rundir import atomic_write_text
 
 TABLE_FIELDS = ("query", "response_before", "response_after", "toxicity_before", "toxicity_after", "difference")
 MIN_TOXIC_EVENTS = 10  # a relative change backed by fewer toxic samples/prompts on either side is unreliable
@@ -295,8 +298,8 @@ def write_table_csv(rows: Sequence[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = TABLE_FIELDS + (("reward_before", "reward_after") if any("reward_before" in r for r in rows) else ())
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())

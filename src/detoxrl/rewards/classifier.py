@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from ..config import NONTOXIC_LABEL
 from ..errors import DetoxError
 from ..hub import load_pretrained
 from .base import Scorer
@@ -39,7 +40,7 @@ class ClassifierScorer(Scorer):
     def __init__(
         self,
         model: str,
-        label: str = "nothate",
+        label: str = NONTOXIC_LABEL,
         transform: str = "logit",
         batch_size: int = 32,
         device: str | torch.device = "cpu",
