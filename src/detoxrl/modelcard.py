@@ -130,7 +130,7 @@ def training_section(config: Config, supervised: bool) -> str:
               if reward.scorer == "classifier" else f"`{reward.function}`" if reward.scorer == "callable"
               else f"`{reward.scorer}` (built in)")
     lines += [
-        f"- Algorithm: {getattr(r, 'algorithm', 'ppo').upper()}, {r.steps} steps of {r.batch_size} rollouts, "
+        f"- Algorithm: {r.algorithm.upper()}, {r.steps} step(s) of {r.batch_size} rollouts, "
         f"learning rate {r.learning_rate}, KL coefficient {r.init_kl_coef}"
         f"{f' (adaptive, target {r.target_kl})' if r.adaptive_kl else ''}",
         f"- Reward: {scorer}; scored {'query + response' if reward.score_query else 'the response alone'}",
@@ -194,7 +194,7 @@ LIMITATIONS = """\
 def render_model_card(config: Config, metrics: dict | None, merged: bool, encoder_decoder: bool,
                       chat: bool) -> ModelCard:
     supervised = (metrics or {}).get("run", {}).get("kind") == "sft"
-    method = "sft" if supervised else getattr(config.rl, "algorithm", "ppo")
+    method = "sft" if supervised else config.rl.algorithm
     tags = ["detoxrl", "lora", "detoxification" if not supervised else "summarization", method]
     data = ModelCardData(
         base_model=hub_id(config),
