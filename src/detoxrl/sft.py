@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, ProgressCallback, Trainer, TrainingArguments
 
@@ -129,24 +130,29 @@ def rouge_before_after(config: Config, policy: Policy, test_rows: Dataset) -> di
 
 
 def sft(config: Config) -> Path:
-    """Fine-tune, save the adapter, evaluate; returns the run directory."""
+    """Fine-tune, save the adapter, evaluate; returns the run directory.
+
+    Under ``accelerate launch`` the Trainer trains on every process; the first one writes the files.
+    """
     config.validate()
     check_targets(config)
-    out = RunDir(config.output_dir)
-    created, was_empty = prepare_output_dir(out.path, resume=False)
+    out, state = RunDir(config.output_dir), PartialState()
+    created, was_empty = prepare_output_dir(out.path, resume=False) if state.is_main_process else (False, False)
+    state.wait_for_everyone()
     try:
-        return _sft(config, out)
+        return _sft(config, out, state.is_main_process)
     except BaseException:
         if (created or was_empty) and not out.adapter.is_dir():  # a saved adapter is never thrown away
             remove_partial_run(out.path, keep_directory=not created)
         raise
 
 
-def _sft(config: Config, out: RunDir) -> Path:
+def _sft(config: Config, out: RunDir, main: bool) -> Path:
     started = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
-    config.save(out.config)
+    if main:
+        config.save(out.config)
     train_rows, test_rows = build_splits(config.data, config.seed)
     policy = load_policy(config.model)
     column = config.data.reference_column
@@ -165,6 +171,8 @@ def _sft(config: Config, out: RunDir) -> Path:
     train_seconds = time.time() - started
     if not math.isfinite(result.training_loss):
         raise DetoxError(f"the sft loss is {result.training_loss}; lower sft.learning_rate")
+    if not main:
+        return out.path
     history = [row for row in trainer.state.log_history if "loss" in row]
     write_history(history, out.history)
     atomic_write_dir(out.adapter, policy.save_pretrained)
