@@ -370,3 +370,18 @@ def test_smollm2_sft_then_train_then_merged_export(tmp_path, run_cli):
     output = model.generate(**inputs, do_sample=False, max_new_tokens=8)
     got = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert got == expected["response"] and got
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "0", "x"], "--temperature must be positive, got 0.0; use --greedy for the most likely tokens"),
+    (["--file", "missing.txt"], "prompt file not found: missing.txt"),
+    (["--file", "bad.jsonl"], "bad.jsonl line 2 has no 'prompt' or 'dialogue' text field"),
+    (["--file", "p.csv"], "must be .txt (one text per line) or .jsonl"),
+    (["x", "--file", "bad.jsonl"], "give prompts as arguments or with --file, not both"),
+])
+def test_generate_refuses_bad_prompts_in_one_line(args, message, finished_runs, run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no such field"}\n')
+    (tmp_path / "p.csv").write_text("dialogue\nhello\n")
+    code, out, err = run_cli(["generate", finished_runs["t5"], *args])
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err

@@ -225,7 +225,12 @@ def layered_config(args: argparse.Namespace) -> Config:
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "generate" and not any(e.startswith("-") for e in extra):
+        args.texts += extra  # texts after the options: argparse leaves them over
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "print_config", False):
         import yaml
 
