@@ -385,3 +385,34 @@ def test_generate_refuses_bad_prompts_in_one_line(args, message, finished_runs, 
     (tmp_path / "p.csv").write_text("dialogue\nhello\n")
     code, out, err = run_cli(["generate", finished_runs["t5"], *args])
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_export_pushes_to_the_hub_and_keeps_the_export_when_that_fails(finished_runs, run_cli, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+            return f"https://hub.example/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", sorted(p.name for p in Path(folder_path).iterdir()), repo_id))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    code, out, err = run_cli(["export", finished_runs["t5"], tmp_path / "a", "--push_to_hub", "me/detox", "--private"])
+    assert code == 0, err
+    assert calls == [("create", "me/detox", True, True),
+                     ("upload", sorted(p.name for p in (tmp_path / "a").iterdir()), "me/detox")]
+    assert "README.md" in calls[1][1] and "pushed it to me/detox" in out
+
+    class DeniedApi(FakeApi):
+        def create_repo(self, *args, **kwargs):
+            raise PermissionError("401 Client Error: Unauthorized\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", DeniedApi)
+    code, out, err = run_cli(["export", finished_runs["t5"], tmp_path / "b", "--push_to_hub", "me/detox"])
+    assert code == 2 and err.count("\n") == 1
+    assert f"could not push {tmp_path / 'b'} to me/detox: 401 Client Error: Unauthorized (the export is kept" in err
+    assert (tmp_path / "b" / "adapter_config.json").is_file()
