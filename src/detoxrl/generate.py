@@ -49,8 +49,8 @@ def load_run(run_dir: str | Path) -> Run:
     if not run.config.is_file():
         raise DetoxError(f"{run.path} is not a detoxrl run directory (config.yaml is missing)")
     if not run.is_finished():
-        raise DetoxError(f"the run in {run.path} did not finish (metrics.json is missing); finish it "
-                         f"(detoxrl train --output_dir {run.path} --resume) or use a finished run")
+        raise DetoxError(f"the run in {run.path} did not finish (metrics.json is missing); use a finished run "
+                         f"(an interrupted train run continues with: detoxrl train --output_dir {run.path} --resume)")
     if not (run.adapter / "adapter_config.json").is_file():
         raise DetoxError(f"{run.path} has no adapter (adapter/adapter_config.json is missing)")
     try:
