@@ -139,6 +139,9 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
         )
     metrics["run"]["wall_seconds"] = round(time.time() - started, 1)
     if main:
+        from .modelcard import write_model_card
+
+        write_model_card(config, run.adapter, metrics)
         atomic_write_json(run.metrics, metrics)  # written last: its presence marks a finished run
     accelerator.wait_for_everyone()
     accelerator.end_training()  # flushes trackers; also ends the process group, so it comes last
