@@ -5,6 +5,10 @@ dropout, targets), generation (min = max = response tokens, pure sampling), batc
 mini-batch sizes and the learning rate are set through detoxrl's configuration. The reward
 is the shared stand-in, given to the trainer as a ``Scorer``. Phases are the trainer's own
 ``time/*`` statistics.
+
+``--device``, ``--dtype`` (model.dtype) and ``--algorithm`` (rloo samples 2 responses per
+prompt, so an iteration has half as many distinct prompts) are for runs of detoxrl alone, e.g.
+on a GPU; the comparison with TRL uses the defaults (cpu, float32, ppo).
 """
 
 from __future__ import annotations
@@ -20,8 +24,14 @@ warnings.filterwarnings("ignore")
 import _common as common  # noqa: E402
 
 
+def options(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="the device setting (cpu, cuda)")
+    parser.add_argument("--dtype", default="float32", help="model.dtype")
+    parser.add_argument("--algorithm", default="ppo", choices=["ppo", "rloo"])
+
+
 def main() -> None:
-    args = common.side_arguments(__doc__.splitlines()[0])
+    args = common.side_arguments(__doc__.splitlines()[0], options)
     common.setup_process(args.threads)
     s = common.setting(args.setting, args.quick)
 
@@ -32,6 +42,7 @@ def main() -> None:
     from detoxrl.rewards import Scorer
 
     steps = args.warmup + args.iterations
+    k = 2 if args.algorithm == "rloo" else 1
     config = build_config(
         overrides={
             "model.name_or_path": os.path.abspath(args.model_dir),
@@ -39,19 +50,22 @@ def main() -> None:
             "model.lora_alpha": common.LORA["lora_alpha"],
             "model.lora_dropout": common.LORA["lora_dropout"],
             "model.target_modules": s.lora_targets,
+            "model.dtype": args.dtype,
             "generation.min_new_tokens": s.response_tokens,
             "generation.max_new_tokens": s.response_tokens,
             "generation.top_k": 0,
             "generation.top_p": 1.0,
             "generation.temperature": 1.0,
             "data.max_prompt_tokens": max(512, s.prompt_tokens),
+            "rl.algorithm": args.algorithm,
+            "rl.samples_per_prompt": k,
             "rl.steps": steps,
             "rl.batch_size": s.batch_size,
             "rl.mini_batch_size": s.mini_batch_size,
             "rl.update_epochs": 1,
             "rl.gradient_accumulation_steps": 1,
             "rl.learning_rate": common.LEARNING_RATE,
-            "device": "cpu",
+            "device": args.device,
             "mixed_precision": "no",
             "report_to": ["none"],
             "seed": common.SEED,
@@ -67,13 +81,13 @@ def main() -> None:
         def rewards(self, texts: list[str]) -> np.ndarray:
             return np.asarray(common.stand_in_rewards(len(texts), step_index["value"]), dtype=np.float32)
 
-    policy = load_policy(config.model)
+    policy = load_policy(config.model, device=args.device)
     all_prompts = [p for i in range(-args.warmup, args.iterations) for p in common.prompt_texts(s, i)]
     trainer = RLTrainer(config, policy, StandInScorer(), all_prompts)
 
     def iteration(step: int) -> dict[str, float]:
         step_index["value"] = step
-        prompts = common.prompt_texts(s, step)
+        prompts = [p for p in common.prompt_texts(s, step, s.batch_size // k) for _ in range(k)]
         t0 = time.perf_counter()
         stats = trainer.step(prompts)
         wall = time.perf_counter() - t0
@@ -92,7 +106,13 @@ def main() -> None:
     for w in range(args.warmup):
         iteration(-1 - w)
     results = [iteration(i) for i in range(args.iterations)]
-    common.report(args.side_name or "detoxrl", s, results)
+    extra = {"device": args.device, "dtype": args.dtype, "algorithm": args.algorithm}
+    if args.device.startswith("cuda"):
+        import torch
+
+        extra["gpu"] = torch.cuda.get_device_name()
+        extra["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    common.report(args.side_name or "detoxrl", s, results, extra)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .config import ModelConfig
 from .errors import DetoxError
 from .hub import load_pretrained
+from .precision import resolve_dtype
 
 PACKAGE_PREFIX = "pkg://"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -170,7 +172,27 @@ class PolicyModule(nn.Module):
         query_mask: torch.Tensor,
         response_ids: torch.Tensor,
     ) -> ForwardOutput:
-        return forward_response(self.model, query_ids, query_mask, response_ids, self.value_head)
+        with self.checkpointing_in_eval_mode():
+            return forward_response(self.model, query_ids, query_mask, response_ids, self.value_head)
+
+    @contextlib.contextmanager
+    def checkpointing_in_eval_mode(self):
+        """Let layers set to recompute their activations (model.gradient_checkpointing) do so in this pass.
+
+        transformers recomputes a layer only while the layer is in training mode, and the RL passes run in
+        eval mode so that dropout is off. Only those layers' own flag is set, and only for this pass: their
+        dropouts stay off, and generation (which some transformers versions would run without its cache
+        under the flag) is left alone.
+        """
+        layers = [m for m in self.model.modules()
+                  if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m.training]
+        for layer in layers:
+            layer.training = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.training = False
 
 
 def forward_response(
@@ -304,23 +326,36 @@ def hidden_size(config) -> int:
     raise DetoxError(f"cannot find the hidden size of model type {config.model_type!r}")
 
 
-def load_base(location: str, trust_remote_code: bool) -> nn.Module:
+def load_base(location: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
     model_config = load_pretrained(
         AutoConfig.from_pretrained, location, "model", trust_remote_code=trust_remote_code
     )
     auto = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
     return load_pretrained(auto.from_pretrained, location, "model", trust_remote_code=trust_remote_code,
-                           dtype=torch.float32)
+                           dtype=dtype)
 
 
-def load_policy(config: ModelConfig, adapter: str | Path | None = None) -> Policy:
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant, so frozen inputs need no grad)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise DetoxError(f"model type {model.config.model_type!r} does not support model.gradient_checkpointing")
+    # Renamed activation_checkpointing_enable in later transformers 5 releases; the old name still works.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def load_policy(config: ModelConfig, adapter: str | Path | None = None, device: str | None = None) -> Policy:
     """Base model + a fresh LoRA (or an existing adapter, made trainable).
 
     ``adapter`` (a saved detoxrl adapter directory) overrides ``config.adapter``; a value head
-    saved with it (PPO runs) is restored too.
+    saved with it (PPO runs) is restored too. ``device`` (the ``device`` setting) is where
+    ``model.dtype: auto`` looks for fast bf16.
     """
     location = resolve_model_location(config)
-    base = load_base(location, config.trust_remote_code)
+    dtype = resolve_dtype(config.dtype, device)
+    base = load_base(location, config.trust_remote_code, dtype)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
     tokenizer = load_pretrained(
         AutoTokenizer.from_pretrained, location, "tokenizer", trust_remote_code=config.trust_remote_code
     )
@@ -351,7 +386,7 @@ def load_policy(config: ModelConfig, adapter: str | Path | None = None) -> Polic
     reference = None
     if config.reference:
         reference = load_base(resolve_model_location(ModelConfig(name_or_path=config.reference)),
-                              config.trust_remote_code).eval().requires_grad_(False)
+                              config.trust_remote_code, dtype).eval().requires_grad_(False)
     module = PolicyModule(model, value_head).eval()
     return Policy(module, tokenizer, config, reference)
 

@@ -39,7 +39,11 @@ ALGORITHMS = {"ppo": PPO, "rloo": RLOO, "grpo": GRPO}
 
 
 def build_accelerator(config: Config) -> Accelerator:
-    """The one place an Accelerator is made: CLI and Python API get the same accumulation and precision."""
+    """The one place an Accelerator is made: CLI and Python API get the same accumulation and precision.
+
+    ``mixed_precision`` None leaves the choice to ``accelerate launch`` (its config file or flag, which
+    reach accelerate as ACCELERATE_MIXED_PRECISION), else no autocast.
+    """
     if config.device and config.device.startswith("cuda:"):
         torch.cuda.set_device(int(config.device.split(":")[1]))
     trackers = [t for t in config.report_to if t and t != "none"]
@@ -50,6 +54,22 @@ def build_accelerator(config: Config) -> Accelerator:
         log_with=trackers or None,
         project_dir=str(Path(config.output_dir) / "logs"),
     )
+
+
+def shards_weights(accelerator: Accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP or DeepSpeed ZeRO-3)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+
+
+def check_sharded_checkpointing(accelerator: Accelerator, config: Config) -> None:
+    """Refuse ``save_steps`` under sharded weights: checkpoints gather full, unsharded state, so they cannot
+    be written or resumed under FSDP or ZeRO-3."""
+    if config.save_steps > 0 and shards_weights(accelerator):
+        raise DetoxError(
+            f"save_steps {config.save_steps}: checkpoint and resume are not supported when the weights are sharded "
+            "(FSDP or DeepSpeed ZeRO-3); set save_steps 0, or use DDP or ZeRO-2"
+        )
 
 
 class RLTrainer:

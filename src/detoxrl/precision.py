@@ -1,0 +1,53 @@
+"""The dtype of the frozen base weights (``model.dtype``), and what ``auto`` picks.
+
+Only the frozen base is stored in a low precision: peft keeps the LoRA adapter in float32, the value
+head is float32, and detoxrl.rl.core upcasts logits, so log-probabilities, KL and losses are float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import MODEL_DTYPES
+from .errors import DetoxError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# x86 flags of the bf16 matrix instructions. Without them torch emulates bf16 matmuls, which is many
+# times slower than float32 (pytorch/pytorch#146508), so ``auto`` keeps float32 there.
+FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_fast_bf16(cpuinfo: str) -> bool:
+    """Whether the ``flags`` lines of a /proc/cpuinfo text name AVX512-BF16 or AMX-BF16."""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return any(flag in flags for flag in FAST_BF16_CPU_FLAGS)
+
+
+def choose_dtype(setting: str, on_gpu: bool, gpu_has_bf16: bool, cpu_has_bf16: bool) -> torch.dtype:
+    """``model.dtype`` as a torch dtype: ``auto`` is bfloat16 where the device computes it fast, else float32."""
+    if setting not in MODEL_DTYPES:
+        raise DetoxError(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {setting!r}")
+    if setting != "auto":
+        return DTYPES[setting]
+    return torch.bfloat16 if (gpu_has_bf16 if on_gpu else cpu_has_bf16) else torch.float32
+
+
+def resolve_dtype(setting: str, device: str | None = None) -> torch.dtype:
+    """:func:`choose_dtype` for this machine. ``device`` as in the ``device`` setting: None means
+    a GPU when CUDA is available (accelerate's choice), else the CPU."""
+    on_gpu = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if setting != "auto":
+        return choose_dtype(setting, on_gpu, False, False)
+    cpuinfo = Path("/proc/cpuinfo")
+    return choose_dtype(
+        setting,
+        on_gpu,
+        gpu_has_bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        cpu_has_bf16=not on_gpu and cpuinfo.is_file() and cpu_has_fast_bf16(cpuinfo.read_text()),
+    )

@@ -1,0 +1,166 @@
+"""model.dtype (frozen base in bf16, LoRA and losses in fp32), mixed_precision left to the launcher,
+checkpointing refused under sharded weights, and gradient checkpointing.
+
+The tests run on CUDA where it is available, else on the CPU.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
+from tiny import ThanksShare, tiny_run_config
+
+from detoxrl.errors import DetoxError
+from detoxrl.policy import forward_response, load_policy
+from detoxrl.precision import choose_dtype, cpu_has_fast_bf16
+from detoxrl.rl.core import logprobs_from_logits, sampling_logits
+from detoxrl.rl.rollout import generate, sample_seeds
+from detoxrl.rl.trainer import RLTrainer, build_accelerator, check_sharded_checkpointing
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PROMPTS = ["the person1 said thanks about work", "the meeting is good", "a car and a home", "school talk"]
+# Largest |log pi| difference of a sampled token between generation (KV cache, one token at a time) and
+# the teacher-forced pass, both with bf16 base weights. Measured on the tiny models: 5e-7 on CPU (the same
+# kernels run in both passes); other kernels, e.g. on a GPU, may round differently, hence the margin.
+BF16_LOGPROB_TOLERANCE = 0.03
+
+
+def config_for(model, tmp_path, **dotted):
+    return tiny_run_config(model, tmp_path, **{"device": DEVICE, **dotted})
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 {extra}\nbugs\t\t: sysret_ss_attrs\n"
+
+
+@pytest.mark.parametrize(
+    "extra, fast",
+    [("avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512f", False), ("", False),
+     ("avx512_bf16x", False)],
+)
+def test_cpu_bf16_flags_from_cpuinfo(extra, fast):
+    assert cpu_has_fast_bf16(CPUINFO.format(extra=extra)) is fast
+
+
+def test_auto_picks_bf16_only_where_it_is_fast():
+    assert choose_dtype("auto", on_gpu=False, gpu_has_bf16=False, cpu_has_bf16=True) == torch.bfloat16
+    assert choose_dtype("auto", on_gpu=False, gpu_has_bf16=True, cpu_has_bf16=False) == torch.float32  # AVX2 only
+    assert choose_dtype("auto", on_gpu=True, gpu_has_bf16=True, cpu_has_bf16=False) == torch.bfloat16
+    assert choose_dtype("auto", on_gpu=True, gpu_has_bf16=False, cpu_has_bf16=True) == torch.float32  # e.g. a T4
+    for setting, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        assert choose_dtype(setting, on_gpu=False, gpu_has_bf16=False, cpu_has_bf16=False) == dtype
+    with pytest.raises(DetoxError, match="model.dtype must be one of auto, float32, bfloat16, float16, got 'bf16'"):
+        choose_dtype("bf16", on_gpu=False, gpu_has_bf16=False, cpu_has_bf16=False)
+
+
+def test_validate_refuses_unknown_dtype(tiny_t5, tmp_path):
+    with pytest.raises(DetoxError, match="model.dtype must be one of"):
+        tiny_run_config(tiny_t5, tmp_path, **{"model.dtype": "half"}).validate()
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_bf16_base_with_fp32_adapter_and_value_head(model, request, tmp_path):
+    config = config_for(request.getfixturevalue(model), tmp_path, **{"model.dtype": "bfloat16"})
+    policy = load_policy(config.model)
+    trainer = RLTrainer(config, policy, ThanksShare(), PROMPTS)
+    trainable = {n: p.dtype for n, p in trainer.module.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in trainer.module.named_parameters() if not p.requires_grad}
+    assert any("lora_" in n for n in trainable) and any("value_head" in n for n in trainable)
+    assert set(trainable.values()) == {torch.float32}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_bf16_generation_logprobs_match_teacher_forcing(model, request, tmp_path):
+    config = config_for(request.getfixturevalue(model), tmp_path, **{"model.dtype": "bfloat16",
+                                                                     "generation.max_new_tokens": 8})
+    policy = load_policy(config.model)
+    policy.module.to(DEVICE)
+    batch = generate(policy, policy.model, PROMPTS, config.generation, 32, sample_seeds(0, 0, count=len(PROMPTS)))
+    with torch.no_grad():
+        logits = forward_response(policy.model, batch.query_ids, batch.query_mask, batch.response_ids).logits
+    logits = sampling_logits(logits, config.generation.temperature, config.generation.min_new_tokens,
+                             policy.eos_token_ids)
+    forced = logprobs_from_logits(logits, batch.response_ids) * batch.mask
+    assert batch.logprobs.dtype == forced.dtype == torch.float32
+    assert batch.mask.sum() >= len(PROMPTS)
+    assert (batch.logprobs - forced).abs().max() < BF16_LOGPROB_TOLERANCE
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_bf16_first_update_keeps_ratio_near_one(model, algorithm, request, tmp_path):
+    """Old log-probs (generation) and new ones (training pass) come from the same weights; a learning rate of
+    1e-12 keeps it so, so any ratio away from 1 would be bf16 error between the two passes."""
+    config = config_for(request.getfixturevalue(model), tmp_path, **{
+        "model.dtype": "bfloat16", "rl.algorithm": algorithm, "rl.learning_rate": 1e-12, "rl.batch_size": 8,
+        "rl.mini_batch_size": 4, "rl.samples_per_prompt": 2 if algorithm == "rloo" else 1,
+        "generation.max_new_tokens": 8})
+    trainer = RLTrainer(config, load_policy(config.model), ThanksShare(), PROMPTS)
+    stats = trainer.step(trainer.batch_prompts(0))
+    assert stats["policy/clipfrac"] == 0
+    assert 0 <= stats["policy/approxkl"] < 1e-4
+    # The reference is the same base with the adapter off, and LoRA starts at zero: KL ~ 0, never negative.
+    assert -1e-6 <= stats["objective/kl"] < 1e-3
+
+
+def test_mixed_precision_unset_follows_the_launcher(tiny_t5, tmp_path, monkeypatch):
+    """accelerate launch hands its mixed precision to the process as ACCELERATE_MIXED_PRECISION."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    try:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        assert build_accelerator(config_for(tiny_t5, tmp_path)).mixed_precision == "bf16"
+        AcceleratorState._reset_state(reset_partial_state=True)
+        explicit = config_for(tiny_t5, tmp_path, mixed_precision="no")
+        assert build_accelerator(explicit).mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def fake_accelerator(distributed_type, zero_stage=None):
+    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage is not None else None
+    return SimpleNamespace(distributed_type=distributed_type, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+@pytest.mark.parametrize("accelerator", [fake_accelerator(DistributedType.FSDP),
+                                         fake_accelerator(DistributedType.DEEPSPEED, zero_stage=3)])
+def test_checkpoints_refused_under_sharded_weights(accelerator, tiny_t5, tmp_path):
+    with pytest.raises(DetoxError, match="save_steps 2: checkpoint and resume are not supported when the weights "
+                                         "are sharded"):
+        check_sharded_checkpointing(accelerator, config_for(tiny_t5, tmp_path, save_steps=2))
+    check_sharded_checkpointing(accelerator, config_for(tiny_t5, tmp_path, save_steps=0))
+
+
+@pytest.mark.parametrize("accelerator", [fake_accelerator(DistributedType.MULTI_GPU),
+                                         fake_accelerator(DistributedType.DEEPSPEED, zero_stage=2)])
+def test_checkpoints_allowed_with_whole_weights(accelerator, tiny_t5, tmp_path):
+    check_sharded_checkpointing(accelerator, config_for(tiny_t5, tmp_path, save_steps=2))
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_update(model, request, tmp_path):
+    """One PPO step with and without it: same losses and LoRA weights (T5's dropout must stay off), and each
+    layer's attention runs again in the backward pass."""
+    results = []
+    for checkpointing in (False, True):
+        config = config_for(request.getfixturevalue(model), tmp_path, **{
+            "model.gradient_checkpointing": checkpointing, "rl.learning_rate": 1e-2, "rl.batch_size": 4,
+            "generation.max_new_tokens": 6})
+        torch.manual_seed(0)
+        policy = load_policy(config.model)
+        trainer = RLTrainer(config, policy, ThanksShare(), PROMPTS)
+        attention = next(m for n, m in policy.model.named_modules() if n.endswith(("layer.0.SelfAttention",
+                                                                                    "layers.0.self_attn")))
+        calls = []
+        attention.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        stats = trainer.step(trainer.batch_prompts(0))
+        lora = {n: p.detach().float().cpu().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+        results.append((stats, lora, calls))
+    (plain, plain_lora, plain_calls), (checkpointed, checkpointed_lora, checkpointed_calls) = results
+    # Recomputation shows as extra forward calls of the layer's attention (2 mini-batches of 2 rollouts).
+    assert checkpointed_calls.count(True) == plain_calls.count(True) + 2
+    for key in ("loss/policy", "loss/value", "policy/approxkl"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7)
+    for name, weights in plain_lora.items():
+        torch.testing.assert_close(checkpointed_lora[name], weights, rtol=1e-5, atol=1e-6)
