@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tiny import WORDS, tiny_run_config, tiny_run_settings, write_yaml
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from detoxrl.config import Config, ModelConfig, build_config
+from detoxrl.config import Config, ModelConfig, build_config, preset_values
 from detoxrl.modelcard import write_model_card
 from detoxrl.policy import load_policy, portable_base, recorded_base
 from detoxrl.sft import IGNORE_INDEX, encode_pairs, sft
@@ -306,7 +306,8 @@ def test_help_shows_types_defaults_and_choices(run_cli):
     code, out, _ = run_cli(["train", "--help"])
     assert code == 0
     text = " ".join(out.split())
-    assert "--rl.steps INT, --steps INT" in text and "[int; default: 10, smollm2-offline: 12]" in text
+    preset_steps = preset_values("smollm2-offline")["rl"]["steps"]
+    assert "--rl.steps INT, --steps INT" in text and f"[int; default: 10, smollm2-offline: {preset_steps}]" in text
     assert "choices: ppo, rloo, grpo" in text and "--reward.score_query [BOOL]" in text
     assert "--eval.evaluators STR [STR ...]" in text and "add --preset smollm2-offline" in text
     assert "--sft.epochs" not in text

@@ -20,7 +20,10 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import PRESETS, Config, build_config, iter_fields
+from .config import (
+    ALGORITHMS, LOSS_NORMALIZATIONS, MIXED_PRECISIONS, MODEL_DTYPES, PRESETS, SCORERS, TRANSFORMS, Config,
+    build_config, iter_fields,
+)
 from .errors import DetoxError
 
 DEFAULT_PRESET = "smollm2-offline"
@@ -29,11 +32,12 @@ SFT_ALIASES = {"model_name_or_path": "model.name_or_path", "learning_rate": "sft
                "max_steps": "sft.max_steps"}
 # Settings with a fixed set of values (Config.validate refuses the others).
 CHOICES = {
-    "reward.scorer": ("classifier", "hatesonar", "profanity-check", "callable"),
-    "reward.transform": ("logit", "log_odds", "prob"),
-    "rl.algorithm": ("ppo", "rloo", "grpo"),
-    "rl.loss_normalization": ("token", "sequence"),
-    "mixed_precision": ("no", "fp16", "bf16"),
+    "reward.scorer": SCORERS,
+    "reward.transform": TRANSFORMS,
+    "rl.algorithm": ALGORITHMS,
+    "rl.loss_normalization": LOSS_NORMALIZATIONS,
+    "mixed_precision": MIXED_PRECISIONS,
+    "model.dtype": MODEL_DTYPES,
 }
 CONFIG_HELP = (
     "YAML file of settings, applied over the preset. Given alone it applies over the built-in defaults, "

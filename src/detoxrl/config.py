@@ -122,6 +122,10 @@ class RLConfig:
 
 
 ALGORITHMS = ("ppo", "rloo", "grpo")
+LOSS_NORMALIZATIONS = ("token", "sequence")
+SCORERS = ("classifier", "hatesonar", "profanity-check", "callable")
+TRANSFORMS = ("logit", "log_odds", "prob")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 CRITIC_SETTINGS = ("gamma", "lam", "cliprange_value", "vf_coef", "value_head_lr_scale")
 
 
@@ -206,7 +210,7 @@ class Config:
         if p.batch_size % p.samples_per_prompt:
             raise DetoxError(f"rl.batch_size ({p.batch_size}) must be divisible by rl.samples_per_prompt "
                              f"({p.samples_per_prompt}): each step samples batch_size / k prompts k times")
-        if p.loss_normalization not in ("token", "sequence"):
+        if p.loss_normalization not in LOSS_NORMALIZATIONS:
             raise DetoxError(f"rl.loss_normalization must be token or sequence, got {p.loss_normalization!r}")
         if not p.learning_rate > 0:  # also refuses NaN
             raise DetoxError(f"rl.learning_rate must be positive, got {p.learning_rate}")
@@ -241,9 +245,9 @@ class Config:
             )
         if not self.model.name_or_path:
             raise DetoxError("model.name_or_path is required (a hub id, a local directory or a .gguf file)")
-        if self.reward.transform not in ("logit", "log_odds", "prob"):
+        if self.reward.transform not in TRANSFORMS:
             raise DetoxError(f"reward.transform must be logit, log_odds or prob, got {self.reward.transform!r}")
-        if self.reward.scorer not in ("classifier", "hatesonar", "profanity-check", "callable"):
+        if self.reward.scorer not in SCORERS:
             raise DetoxError(
                 f"reward.scorer must be classifier, hatesonar, profanity-check or callable, got {self.reward.scorer!r}"
             )
@@ -262,7 +266,7 @@ class Config:
             raise DetoxError(f"eval.curve_steps must be 0 or more, got {self.eval.curve_steps}")
         if self.eval.samples_per_prompt < 1:
             raise DetoxError(f"eval.samples_per_prompt must be at least 1, got {self.eval.samples_per_prompt}")
-        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
             raise DetoxError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.model.dtype not in MODEL_DTYPES:
             raise DetoxError(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model.dtype!r}")

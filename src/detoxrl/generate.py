@@ -37,7 +37,7 @@ class Run:
 
     def load_policy(self) -> Policy:
         """The run's base model with its trained adapter."""
-        return load_policy(self.config.model, adapter=self.dir.adapter)
+        return load_policy(self.config.model, adapter=self.dir.adapter, device=self.config.device)
 
 
 def load_run(run_dir: str | Path) -> Run:

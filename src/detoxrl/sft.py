@@ -12,6 +12,7 @@ only. Output directory (``metrics.json`` written last marks it finished)::
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -85,6 +86,8 @@ class QuietProgress(ProgressCallback):
 def training_arguments(config: Config, logs_dir: Path) -> TrainingArguments:
     s = config.sft
     trackers = [t for t in config.report_to if t and t != "none"]
+    # None: what accelerate launch (or its config file) asked for, as in detoxrl train.
+    precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     return TrainingArguments(
         output_dir=str(logs_dir),
         num_train_epochs=s.epochs,
@@ -100,8 +103,8 @@ def training_arguments(config: Config, logs_dir: Path) -> TrainingArguments:
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=config.device == "cpu",
-        bf16=config.mixed_precision == "bf16",
-        fp16=config.mixed_precision == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         remove_unused_columns=False,
         label_names=["labels"],
         disable_tqdm=False,  # a progress bar (QuietProgress) rather than one printed line per step
@@ -154,7 +157,7 @@ def _sft(config: Config, out: RunDir, main: bool) -> Path:
     if main:
         config.save(out.config)
     train_rows, test_rows = build_splits(config.data, config.seed)
-    policy = load_policy(config.model)
+    policy = load_policy(config.model, device=config.device)
     column = config.data.reference_column
     pairs = Dataset.from_dict(encode_pairs(policy, list(train_rows["prompt"]), list(train_rows[column]),
                                            config.data.max_prompt_tokens, config.sft.max_target_tokens))

@@ -73,7 +73,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
 
     train_rows, test_rows = build_splits(config.data, config.seed)
     reward = build_reward(config.reward, str(accelerator.device), config.model.trust_remote_code)
-    policy = load_policy(config.model)
+    policy = load_policy(config.model, device=config.device)
     check_generation_fits(config, policy.model.config)
     trainer = RLTrainer(config, policy, reward, list(train_rows["prompt"]), accelerator,
                         references=references(train_rows, config))

@@ -60,6 +60,9 @@ def inference_weights(policy: Policy):
     come back up to float rounding.
     """
     with eval_mode(policy.module):
+        if any(p.dtype != torch.float32 for p in policy.model.parameters() if not p.requires_grad):
+            yield policy.model  # folding an fp32 LoRA into bf16/fp16 base weights would round it away
+            return
         policy.model.merge_adapter()
         try:
             yield policy.model
@@ -405,7 +408,7 @@ def evaluate_run(
     # Loaded before anything is generated, so an evaluator that cannot be loaded fails fast.
     held_out = {spec: held_out_evaluator(spec, config.eval.nontoxic_label, device) for spec in config.eval.evaluators}
     reward = build_reward(config.reward, str(device), config.model.trust_remote_code)
-    policy = place_policy(load_policy(config.model, adapter=run.adapter), device)
+    policy = place_policy(load_policy(config.model, adapter=run.adapter, device=config.device), device)
     out = RunDir(output_dir) if output_dir else RunDir(run.eval)
     evaluation = evaluate_policy(config, policy, list(rows["prompt"]), references, reward, out.path,
                                  read_history(run.history), held_out, groups)

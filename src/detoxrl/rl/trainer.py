@@ -98,6 +98,7 @@ class RLTrainer:
         p = config.rl
         self.algorithm = ALGORITHMS[p.algorithm](p)
         self.accelerator = accelerator or build_accelerator(config)
+        check_sharded_checkpointing(self.accelerator, config)
         world = self.accelerator.num_processes
         if p.batch_size % (world * p.samples_per_prompt) or p.mini_batch_size % (world * p.gradient_accumulation_steps):
             raise DetoxError(
@@ -126,6 +127,8 @@ class RLTrainer:
             p.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=optimiser_steps * world
         )
         self.module, self.optimizer, self.scheduler = self.accelerator.prepare(policy.module, optimizer, scheduler)
+        if policy.reference is not None:  # a separately named reference is frozen: placed, never prepared
+            policy.reference.to(self.accelerator.device)
         self.kl_ctl = (
             AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon)
             if p.adaptive_kl
@@ -133,10 +136,7 @@ class RLTrainer:
         )
         self.step_count = 0
         self.history: list[dict[str, float]] = []
-        plugin = self.accelerator.state.deepspeed_plugin
-        self.shards_weights = self.accelerator.distributed_type == DistributedType.FSDP or (
-            plugin is not None and plugin.zero_stage == 3
-        )
+        self.shards_weights = shards_weights(self.accelerator)
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over processes: the ``reduce`` of the math in detoxrl.rl.core."""
