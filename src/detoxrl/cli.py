@@ -211,7 +211,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("datasets", "accelerate", "huggingface_hub", "httpx"):
+    for name in ("datasets", "accelerate", "huggingface_hub", "httpx", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # datasets logs a parse error before raising it; detoxrl reports it once, on its own line.
     datasets.utils.logging.set_verbosity(logging.CRITICAL)

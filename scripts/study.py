@@ -1,0 +1,181 @@
+"""The algorithm study behind the offline preset (docs/results.md).
+
+Model selection never looks at the test split: ``run`` holds validation prompts out of the
+*training* split (the first N heated and 8 neutral dialogues), trains on the rest, and judges the
+policy on them with hatesonar (never trained on) every ``--every`` steps. ``plot`` draws the
+judge's toxicity probability and ROUGE-L against training wall-clock time.
+
+    python scripts/study.py run --name rloo --set '{"rl.algorithm": "rloo", "rl.samples_per_prompt": 4}'
+    python scripts/study.py run --name reference --reference_only
+    python scripts/study.py plot --out docs/img
+    python scripts/study.py table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+
+from detoxrl.config import build_config
+from detoxrl.data import build_splits
+from detoxrl.evaluation.stats import distinct_n
+from detoxrl.policy import load_policy
+from detoxrl.rewards import HateSonarScorer, ProfanityScorer, build_reward
+from detoxrl.rewards.fidelity import rouge_l
+from detoxrl.rl.rollout import generate, sample_seeds
+from detoxrl.rl.trainer import RLTrainer
+
+RESULTS = Path("outputs/study")
+
+
+def validation_split(train_rows, n_heated: int, n_neutral: int = 8):
+    heated = [i for i, r in enumerate(train_rows) if r["heated"]][:n_heated]
+    neutral = [i for i, r in enumerate(train_rows) if not r["heated"]][:n_neutral]
+    held = set(heated + neutral)
+    rest = train_rows.select([i for i in range(len(train_rows)) if i not in held])
+    return rest, [train_rows[i] for i in heated], [train_rows[i] for i in neutral]
+
+
+def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scorers) -> tuple[dict, list[str]]:
+    hatesonar, profanity = scorers
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    references = [r["summary"] for r in rows for _ in range(k)]
+    seeds = sample_seeds(config.seed, 1_000_003, count=len(prompts))
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        if use_adapter:
+            rollout = generate(policy, policy.model, prompts[chunk], config.generation, config.data.max_prompt_tokens,
+                               seeds[chunk])
+        else:
+            with policy.reference_model() as reference:
+                rollout = generate(policy, reference, prompts[chunk], config.generation,
+                                   config.data.max_prompt_tokens, seeds[chunk])
+        texts += rollout.responses
+    tox = hatesonar.toxicity(texts).reshape(len(rows), k)
+    prof = profanity.toxicity(texts).reshape(len(rows), k)
+    return {
+        "judge_toxicity_probability": float((tox >= 0.5).any(axis=1).mean()),
+        "judge_toxic_prompts": int((tox >= 0.5).any(axis=1).sum()), "prompts": len(rows),
+        "judge_expected_max": float(tox.max(axis=1).mean()),
+        "judge_toxic_rate": float((tox >= 0.5).mean()), "judge_mean": float(tox.mean()),
+        "reward_scorer_toxic_rate": float((prof >= 0.5).mean()),
+        "rougeL": float(rouge_l(texts, references).mean()),
+        "length_words": float(np.mean([len(t.split()) for t in texts])), "distinct_2": distinct_n(texts, 2),
+        "empty": sum(not t.strip() for t in texts),
+    }, texts
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    config = build_config("smollm2-offline", overrides={"report_to": [], "eval.enabled": False, **json.loads(args.set)})
+    set_seed(config.seed)
+    train_rows, _ = build_splits(config.data, config.seed)  # the test split is never used here
+    train_rows, heated, neutral = validation_split(train_rows, args.n_validation)
+    scorers = (HateSonarScorer(), ProfanityScorer())
+    policy = load_policy(config.model)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = (RESULTS / f"{args.name}.jsonl").open("a")
+
+    def point(step: int, elapsed: float, use_adapter: bool = True) -> None:
+        tick = time.time()
+        row = {"name": args.name, "step": step, "train_seconds": elapsed, "settings": json.loads(args.set)}
+        row["heated"], texts = judge(policy, heated, config, args.k, args.batch_size, use_adapter, scorers)
+        row["neutral"], _ = judge(policy, neutral, config, 2, args.batch_size, use_adapter, scorers)
+        row["examples"] = texts[:: args.k][:6]
+        row["eval_seconds"] = time.time() - tick
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
+
+    if args.reference_only:
+        point(0, 0.0, use_adapter=False)
+        return
+    trainer = RLTrainer(config, policy, build_reward(config.reward), list(train_rows["prompt"]),
+                        references=list(train_rows[config.data.reference_column]))
+    elapsed = 0.0
+    while trainer.step_count < config.rl.steps:
+        tick = time.time()
+        stats = trainer.step(trainer.batch_prompts(trainer.step_count),
+                             references=trainer.batch_references(trainer.step_count))
+        elapsed += time.time() - tick
+        log.write(json.dumps({"name": args.name, "train": stats, "train_seconds": elapsed}) + "\n")
+        print(json.dumps({k: round(v, 4) for k, v in stats.items() if k.startswith(("env/", "objective/kl", "time/total"))}),
+              flush=True)
+        if trainer.step_count % args.every == 0 or trainer.step_count == config.rl.steps:
+            point(trainer.step_count, elapsed)
+
+
+def plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for f in sorted(RESULTS.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    points = [r for r in rows if "heated" in r]
+    reference = [r for r in points if r["step"] == 0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in sorted({r["name"] for r in points} - {r["name"] for r in reference}):
+        mine = sorted((r for r in points if r["name"] == name), key=lambda r: r["step"])
+        start = reference[0] if reference else None
+        xs = ([0.0] if start else []) + [r["train_seconds"] / 60 for r in mine]
+        for ax, key in zip(axes, ("judge_toxicity_probability", "rougeL")):
+            ys = ([start["heated"][key]] if start else []) + [r["heated"][key] for r in mine]
+            ax.plot(xs, ys, marker="o", label=name)
+    for ax, title in zip(axes, ("hatesonar toxicity probability (validation, k=4)", "ROUGE-L vs reference summary")):
+        ax.set_xlabel("training wall-clock (minutes, 2 CPU cores)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out / "study.png", dpi=110)
+    print(f"wrote {out / 'study.png'}")
+
+
+def table(args) -> None:
+    """The last validation point of every run, as a Markdown table."""
+    rows = [json.loads(line) for f in sorted(RESULTS.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    last = {}
+    for row in rows:
+        if "heated" in row and row["step"] >= last.get(row["name"], {}).get("step", -1):
+            last[row["name"]] = row
+    print("| run | steps | train min | tox. prob. (prompts) | exp. max | toxic rate | ROUGE-L heated / calm "
+          "| distinct-2 | words |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in sorted(last.items(), key=lambda item: item[1]["step"]):
+        h, n = r["heated"], r["neutral"]
+        print(f"| {name} | {r['step']} | {r['train_seconds'] / 60:.1f} | {h['judge_toxicity_probability']:.3f} "
+              f"({h['judge_toxic_prompts']}/{h['prompts']}) | {h['judge_expected_max']:.3f} | {h['judge_toxic_rate']:.3f} "
+              f"| {h['rougeL']:.3f} / {n['rougeL']:.3f} | {h['distinct_2']:.3f} | {h['length_words']:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--name", required=True)
+    r.add_argument("--set", default="{}", help="JSON object of dotted settings over the smollm2-offline preset")
+    r.add_argument("--every", type=int, default=6, help="judge every this many steps")
+    r.add_argument("--n_validation", type=int, default=24, help="heated validation dialogues")
+    r.add_argument("--k", type=int, default=4, help="responses per validation prompt")
+    r.add_argument("--batch_size", type=int, default=48)
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--reference_only", action="store_true")
+    p = sub.add_parser("plot")
+    p.add_argument("--out", default="docs/img")
+    sub.add_parser("table")
+    args = parser.parse_args()
+    {"run": run, "plot": plot, "table": table}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
