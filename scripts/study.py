@@ -3,7 +3,9 @@
 Model selection never looks at the test split: ``run`` holds validation prompts out of the
 *training* split (the first N heated and 8 neutral dialogues), trains on the rest, and judges the
 policy on them with hatesonar (never trained on) every ``--every`` steps. ``plot`` draws the
-judge's toxicity probability and ROUGE-L against training wall-clock time.
+judge's toxicity probability and ROUGE-L against the number of training rollouts (wall-clock
+figures of runs that shared the CPU with others are not comparable; per-step times measured
+alone are in docs/results.md).
 
     python scripts/study.py run --name rloo --set '{"rl.algorithm": "rloo", "rl.samples_per_prompt": 4}'
     python scripts/study.py run --name reference --reference_only
@@ -125,12 +127,12 @@ def plot(args) -> None:
     for name in sorted({r["name"] for r in points} - {r["name"] for r in reference}):
         mine = sorted((r for r in points if r["name"] == name), key=lambda r: r["step"])
         start = reference[0] if reference else None
-        xs = ([0.0] if start else []) + [r["train_seconds"] / 60 for r in mine]
+        xs = ([0] if start else []) + [r["step"] * r["settings"].get("rl.batch_size", 16) for r in mine]
         for ax, key in zip(axes, ("judge_toxicity_probability", "rougeL")):
             ys = ([start["heated"][key]] if start else []) + [r["heated"][key] for r in mine]
             ax.plot(xs, ys, marker="o", label=name)
     for ax, title in zip(axes, ("hatesonar toxicity probability (validation, k=4)", "ROUGE-L vs reference summary")):
-        ax.set_xlabel("training wall-clock (minutes, 2 CPU cores)")
+        ax.set_xlabel("training rollouts (16 per step)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -296,8 +296,9 @@ def test_score_rejects_non_finite_rewards(bad):
 
 def test_score_returns_tensor_and_joins_query_when_asked():
     scorer = FixedScorer([0.5, -1.0])
-    out = score(scorer, ["q1", "q2"], ["r1", "r2"], score_query=False)
+    out, parts = score(scorer, ["q1", "q2"], ["r1", "r2"], score_query=False)
     assert out.dtype == torch.float32 and out.tolist() == [0.5, -1.0]
+    assert parts == {"env/scorer_reward_mean": pytest.approx(-0.25)}
     assert scorer.seen == ["r1", "r2"]
     score(scorer, ["q1", "q2"], ["r1", "r2"], score_query=True)
     assert scorer.seen == ["q1 r1", "q2 r2"]

@@ -18,11 +18,11 @@ pytestmark = [
 ]
 
 
-def test_smollm2_gguf_one_ppo_step(tmp_path):
+def test_smollm2_gguf_one_preset_step(tmp_path):
     config = build_config(
         "smollm2-offline",
         overrides={
-            "rl.steps": 1, "rl.batch_size": 2, "rl.mini_batch_size": 1, "generation.max_new_tokens": 8,
+            "rl.steps": 1, "rl.batch_size": 2, "rl.samples_per_prompt": 2, "rl.mini_batch_size": 1, "generation.max_new_tokens": 8,
             "data.max_prompt_tokens": 96, "output_dir": str(tmp_path), "report_to": [], "device": "cpu",
         },
     )
@@ -32,9 +32,10 @@ def test_smollm2_gguf_one_ppo_step(tmp_path):
     assert policy.model.config.model_type == "llama" and policy.use_chat_template
     assert "<|im_start|>assistant" in policy.format_prompts(["hi"])[0]
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
-    trainer = RLTrainer(config, policy, build_reward(config.reward), list(train_rows["prompt"]))
+    trainer = RLTrainer(config, policy, build_reward(config.reward), list(train_rows["prompt"]),
+                        references=list(train_rows["summary"]))
     (stats,) = trainer.train()
     assert stats["env/response_length_mean"] > 0
     assert abs(stats["objective/kl"]) < 1e-3  # a fresh adapter starts at the reference
     changed = [n for n, p in policy.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert changed, "one PPO step should move the LoRA weights"
+    assert changed, "one step of the preset's algorithm should move the LoRA weights"

