@@ -17,7 +17,8 @@ from detoxrl.evaluation.evaluate import (
     judge_subset,
     load_fluency_model,
     prompt_groups,
-    reference_nll,
+    recorded_nll,
+    reference_pass,
     response_kl,
     sample,
     texts_of,
@@ -75,27 +76,20 @@ def test_merged_sampling_gives_the_same_tokens(model, request, tmp_path):
     assert kl.shape == (6,) and np.all(np.isfinite(kl))
 
 
-def _manual_nll(model, tokenizer, prompt_ids, response_text):
-    """Independent check: one unpadded causal sequence, log-softmax, gather."""
-    response = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt_ids + response])
-    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-    targets = ids[0, 1:]
-    token_logp = logp[torch.arange(len(targets)), targets][len(prompt_ids) - 1:]  # the response's tokens
-    return -token_logp.sum().item(), len(response)
-
-
-def test_reference_nll_matches_a_manual_pass(tiny_llama, tmp_path):
+def test_recorded_perplexity_equals_a_teacher_forced_pass(tiny_llama, tmp_path):
+    """The sampler's temperature-1 record of the reference's own responses gives the same NLL as a
+    separate pass, so evaluation needs one reference pass (over the policy's responses), not three."""
     policy = perturbed_policy(tiny_llama)
-    config = tiny_run_config(tiny_llama, tmp_path, **{"eval.batch_size": 2})
-    responses = ["thanks for the talk", "", "damn car"]
-    sums, counts = reference_nll(policy, PROMPTS, responses, config)
-    with policy.reference_model() as reference, torch.no_grad():
-        for prompt, response, got_sum, got_count in zip(PROMPTS, responses, sums, counts):
-            prompt_ids = policy.tokenizer(prompt)["input_ids"]
-            expected_sum, expected_count = _manual_nll(reference, policy.tokenizer, prompt_ids, response)
-            assert got_count == expected_count
-            assert got_sum == pytest.approx(expected_sum, abs=1e-4)
+    config = tiny_run_config(tiny_llama, tmp_path, **{"eval.batch_size": 2, "generation.max_new_tokens": 6,
+                                                      "generation.temperature": 0.7})
+    with policy.reference_model() as reference:
+        rollouts = sample(policy, reference, PROMPTS, config, 2, record_model_logprobs=True)
+    recorded_sums, recorded_counts = recorded_nll(rollouts)
+    kl, sums, counts = reference_pass(policy, rollouts, config)
+    np.testing.assert_allclose(recorded_sums, sums, atol=1e-4)  # temperature 1, not the sampling 0.7
+    np.testing.assert_array_equal(recorded_counts, counts)
+    assert (recorded_counts > 0).all() and (recorded_sums > 0).all()
+    np.testing.assert_allclose(kl, 0.0, atol=1e-4)  # the reference's own samples: no KL to itself
 
 
 def test_judge_subset_matches_its_samples(tiny_t5, tmp_path):

@@ -71,7 +71,7 @@ def inference_weights(policy: Policy):
 
 
 def sample(policy: Policy, model: torch.nn.Module, prompts: list[str], config: Config, samples: int,
-           desc: str | None = None) -> list[Rollout]:
+           desc: str | None = None, record_model_logprobs: bool = False) -> list[Rollout]:
     """``samples`` responses per prompt (prompt-major order), in batches of ``eval.batch_size``.
 
     The i-th sample gets the same seed whichever model draws it: a paired comparison with common
@@ -81,7 +81,8 @@ def sample(policy: Policy, model: torch.nn.Module, prompts: list[str], config: C
     expanded = [p for p in prompts for _ in range(samples)]
     seeds = sample_seeds(config.seed, EVAL_STREAM, count=len(expanded))
     return [generate(policy, model, expanded[i : i + batch_size], config.generation,
-                     config.data.max_prompt_tokens, seeds[i : i + batch_size])
+                     config.data.max_prompt_tokens, seeds[i : i + batch_size],
+                     record_model_logprobs=record_model_logprobs)
             for i in tqdm(range(0, len(expanded), batch_size), desc=desc, unit="batch", leave=False,
                           disable=desc is None)]
 
@@ -91,14 +92,34 @@ def texts_of(rollouts: list[Rollout]) -> list[str]:
 
 
 def response_kl(policy: Policy, rollouts: list[Rollout], config: Config) -> np.ndarray:
-    """KL(policy || reference) of each response in nats: sum over its tokens of log pi - log pi_ref.
+    """KL(policy || reference) of each response in nats: sum over its tokens of log pi - log pi_ref."""
+    return reference_pass(policy, rollouts, config)[0]
 
-    The same estimator and sampling transform as training's ``objective/kl``; log pi is what the
-    sampler recorded (under merged weights, equal to the unmerged value up to float rounding).
+
+def reference_pass(policy: Policy, rollouts: list[Rollout], config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One reference pass over the policy's responses: their KL to the reference, and their negative
+    log-likelihood sums and token counts under it (for perplexity).
+
+    The KL uses the same estimator and sampling transform as training's ``objective/kl``; log pi is
+    what the sampler recorded (under merged weights, equal to the unmerged value up to rounding).
     """
-    kls = [((r.logprobs - reference_logprobs(policy, r, config.generation)) * r.mask).sum(dim=1).cpu()
-           for r in rollouts]
-    return torch.cat(kls).numpy() if kls else np.zeros(0)
+    kls, sums, counts = [], [], []
+    for r in rollouts:
+        ref, ref_model = reference_logprobs(policy, r, config.generation, config.eval.batch_size,
+                                            with_model_logprobs=True)
+        kls.append(((r.logprobs - ref) * r.mask).sum(dim=1).cpu())
+        sums.append(-(ref_model * r.mask).sum(dim=1).cpu())
+        counts.append(r.mask.sum(dim=1).cpu())
+    join = lambda parts: torch.cat(parts).numpy() if parts else np.zeros(0)  # noqa: E731
+    return join(kls), join(sums), join(counts)
+
+
+def recorded_nll(rollouts: list[Rollout]) -> tuple[np.ndarray, np.ndarray]:
+    """Negative log-likelihood sums and token counts of responses under the model that sampled them,
+    from the log-probs its sampler recorded at temperature 1 (no second pass)."""
+    sums = [-(r.model_logprobs * r.mask).sum(dim=1).cpu() for r in rollouts]
+    counts = [r.mask.sum(dim=1).cpu() for r in rollouts]
+    return (torch.cat(sums).numpy(), torch.cat(counts).numpy()) if sums else (np.zeros(0), np.zeros(0))
 
 
 @torch.inference_mode()
@@ -156,15 +177,6 @@ def load_fluency_model(name: str, device: torch.device | str = "cpu") -> Fluency
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return FluencyModel(name, model.to(device).eval().requires_grad_(False), tokenizer)
-
-
-def reference_nll(policy: Policy, prompts: list[str], responses: list[str], config: Config):
-    """Per-response NLL and token count under the reference model, in the policy's own prompt format."""
-    with policy.reference_model() as reference:
-        device = next(reference.parameters()).device
-        return response_nll(reference, policy.tokenizer,
-                            lambda p: policy.tokenize_prompts(p, config.data.max_prompt_tokens, device),
-                            prompts, responses, config.eval.batch_size)
 
 
 def fluency_nll(fluency: FluencyModel, prompts: list[str], responses: list[str], config: Config):
@@ -275,15 +287,21 @@ def evaluate_policy(
     with eval_mode(policy.module):  # no dropout in any pass below
         started = time.perf_counter()
         with policy.reference_model() as reference:
-            before = texts_of(sample(policy, reference, prompts, config, k, desc="eval: reference"))
+            reference_rollouts = sample(policy, reference, prompts, config, k, desc="eval: reference",
+                                        record_model_logprobs=True)
+            before = texts_of(reference_rollouts)
         reference_seconds = time.perf_counter() - started
         started = time.perf_counter()
         with inference_weights(policy) as model:
             rollouts = sample(policy, model, prompts, config, k, desc="eval: policy")
         policy_seconds = time.perf_counter() - started
-        after, kl = texts_of(rollouts), response_kl(policy, rollouts, config)
+        after = texts_of(rollouts)
+        kl, policy_sums, policy_counts = reference_pass(policy, rollouts, config)
         expanded, sides = [p for p in prompts for _ in range(k)], {"reference": before, "policy": after}
-        nll = {side: {"perplexity": reference_nll(policy, expanded, texts, config)} for side, texts in sides.items()}
+        # Perplexity under the reference of the tokens each side sampled: the reference's own from its
+        # sampler's record, the policy's from the pass that also gives the KL.
+        nll = {"reference": {"perplexity": recorded_nll(reference_rollouts)},
+               "policy": {"perplexity": (policy_sums, policy_counts)}}
         if fluency is not None:
             for side, texts in sides.items():
                 nll[side]["perplexity_fluency_model"] = fluency_nll(fluency, expanded, texts, config)

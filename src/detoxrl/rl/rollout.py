@@ -34,6 +34,7 @@ class Rollout:
     responses: list[str]
     ref_logprobs: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # [B]
+    model_logprobs: torch.Tensor | None = None  # [B, T], log p of the sampled tokens at temperature 1 (evaluation)
 
     def select(self, index: torch.Tensor) -> "Rollout":
         """Rows ``index``, with columns that are padding in every selected row dropped."""
@@ -46,7 +47,7 @@ class Rollout:
         keep_t = int(picked["mask"].sum(dim=1).max().item()) or 1
         for name in ("query_ids", "query_mask"):
             picked[name] = picked[name][:, keep_q]
-        for name in ("response_ids", "mask", "logprobs", "values", "ref_logprobs"):
+        for name in ("response_ids", "mask", "logprobs", "values", "ref_logprobs", "model_logprobs"):
             if picked[name] is not None:
                 picked[name] = picked[name][:, :keep_t]
         return Rollout(**picked)
@@ -66,10 +67,13 @@ class SeededSampler(LogitsProcessor):
     the min_new_tokens ban and the temperature), so no second forward pass is needed.
     """
 
-    def __init__(self, seeds: list[int], temperature: float, device: torch.device):
+    def __init__(self, seeds: list[int], temperature: float, device: torch.device, record_model_logprobs: bool = False):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.logprobs: list[torch.Tensor] = []
+        # Also log p of the chosen token at temperature 1: the model's own perplexity of what it wrote,
+        # for evaluation, without a second pass over the responses.
+        self.model_logprobs: list[torch.Tensor] | None = [] if record_model_logprobs else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
@@ -77,7 +81,10 @@ class SeededSampler(LogitsProcessor):
             [torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in self.generators]
         ).clamp_(min=1e-20)
         noisy = logp - torch.log(-torch.log(uniform))
-        self.logprobs.append(logp.gather(-1, noisy.argmax(dim=-1, keepdim=True)).squeeze(-1))
+        chosen = noisy.argmax(dim=-1, keepdim=True)
+        self.logprobs.append(logp.gather(-1, chosen).squeeze(-1))
+        if self.model_logprobs is not None:
+            self.model_logprobs.append(torch.log_softmax(scores.float(), dim=-1).gather(-1, chosen).squeeze(-1))
         return noisy
 
 
@@ -138,6 +145,7 @@ def generate(
     seeds: list[int],
     value_head: ValueHead | None = None,
     synced_gpus: bool = False,
+    record_model_logprobs: bool = False,
 ) -> Rollout:
     """Sample one response per prompt, in one batch, with the log-probs (and values) of each token.
 
@@ -146,7 +154,7 @@ def generate(
     """
     device = next(model.parameters()).device
     query = policy.tokenize_prompts(prompts, max_prompt_tokens, device)
-    sampler = SeededSampler(seeds, config.temperature, device)
+    sampler = SeededSampler(seeds, config.temperature, device, record_model_logprobs)
     settings = hf_generation_config(config, policy, value_head is not None)
     with model_generation_defaults(model, settings):
         out = model.generate(
@@ -170,27 +178,33 @@ def generate(
         logprobs=logprobs * mask,
         values=values * mask if values is not None else None,
         responses=[t.strip() for t in texts],
+        model_logprobs=torch.stack(sampler.model_logprobs, dim=1) * mask if record_model_logprobs else None,
     )
 
 
 @torch.inference_mode()
 def reference_logprobs(
-    policy: Policy, rollout: Rollout, config: GenerationConfig, chunk_size: int = 4
-) -> torch.Tensor:
+    policy: Policy, rollout: Rollout, config: GenerationConfig, chunk_size: int = 4, with_model_logprobs: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi_ref of the sampled tokens, under the same sampling transform as the policy.
 
     Computed in chunks of ``chunk_size`` rows so that only a chunk's [rows, T, V] logits are alive.
+    ``with_model_logprobs`` also returns log pi_ref at temperature 1 from the same pass (evaluation's
+    perplexity of the responses under the reference).
     """
-    chunks = []
+    chunks, model_chunks = [], []
     with policy.reference_model() as reference:
         for start in range(0, len(rollout.responses), chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = forward_response(
+            raw = forward_response(
                 reference, rollout.query_ids[rows], rollout.query_mask[rows], rollout.response_ids[rows]
             ).logits
-            logits = sampling_logits(logits, config.temperature, config.min_new_tokens, policy.eos_token_ids)
+            logits = sampling_logits(raw, config.temperature, config.min_new_tokens, policy.eos_token_ids)
             chunks.append(logprobs_from_logits(logits, rollout.response_ids[rows]))
-    return torch.cat(chunks) * rollout.mask
+            if with_model_logprobs:
+                model_chunks.append(logprobs_from_logits(raw, rollout.response_ids[rows]))
+    logprobs = torch.cat(chunks) * rollout.mask
+    return (logprobs, torch.cat(model_chunks) * rollout.mask) if with_model_logprobs else logprobs
 
 
 def score(
