@@ -25,6 +25,7 @@ from .config import (
     build_config, iter_fields,
 )
 from .errors import DetoxError
+from .rundir import RunDir
 
 DEFAULT_PRESET = "smollm2-offline"
 ALIASES = {"model_name_or_path": "model.name_or_path", "steps": "rl.steps", "learning_rate": "rl.learning_rate"}
@@ -221,7 +222,7 @@ def layered_config(args: argparse.Namespace) -> Config:
     """Defaults, preset, --config file, flags; resuming without --config reuses the run's own settings."""
     overrides = collect_overrides(args)
     config_file, preset = args.config, args.preset or (None if args.config else DEFAULT_PRESET)
-    saved = Path(overrides.get("output_dir") or "") / "config.yaml"
+    saved = RunDir(overrides.get("output_dir") or "").config
     if getattr(args, "resume", False) and not args.config and not args.preset and "output_dir" in overrides \
             and saved.is_file():
         config_file, preset = saved, None
@@ -264,7 +265,7 @@ def run(argv: list[str] | None = None) -> int:
             threshold=args.threshold,
             output_dir=args.output_dir,
         )
-        print(f"report: {Path(out) / 'report.html'}")
+        print(f"report: {RunDir(out).report}")
     elif args.command == "compare":
         from rich.console import Console
 

@@ -8,7 +8,6 @@ not for. Figures come from the run's metrics, never from this module.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from .config import Config, build_config
 from .errors import DetoxError
 from .hub import looks_like_path
 from .policy import PACKAGE_PREFIX, portable_base
+from .rundir import RunDir, atomic_write_text
 
 CARD_FILE = "README.md"
 
@@ -246,31 +246,24 @@ def write_model_card(run_dir_or_config: str | Path | Config, target_dir: str | P
     """Write ``target_dir/README.md`` for the adapter or merged model in ``target_dir``.
 
     ``run_dir_or_config`` is a run directory (its config.yaml, and metrics.json when present) or a
-    Config; ``metrics`` overrides the run's metrics.json. The card is written to a temporary file and
-    renamed, so a reader never sees half of it.
+    Config; ``metrics`` overrides the run's metrics.json. Written atomically, so a reader never sees
+    half of it.
     """
     target = Path(target_dir)
     if isinstance(run_dir_or_config, Config):
         config = run_dir_or_config
     else:
-        run = Path(run_dir_or_config)
-        if not (run / "config.yaml").is_file():
-            raise DetoxError(f"{run} is not a detoxrl run directory (config.yaml is missing)")
-        config = build_config(config_file=run / "config.yaml")
-        if metrics is None and (run / "metrics.json").is_file():
-            metrics = json.loads((run / "metrics.json").read_text())
+        run = RunDir(run_dir_or_config)
+        if not run.config.is_file():
+            raise DetoxError(f"{run.path} is not a detoxrl run directory (config.yaml is missing)")
+        config = build_config(config_file=run.config)
+        if metrics is None and run.metrics.is_file():
+            metrics = json.loads(run.metrics.read_text())
     merged = not (target / "adapter_config.json").is_file()
     encoder_decoder = _is_encoder_decoder(target)
     chat = not encoder_decoder and config.model.chat_template is not False and _has_chat_template(target)
     card = render_model_card(config, metrics, merged, encoder_decoder, chat)
-    tmp = target / f".{CARD_FILE}.tmp"
-    try:
-        card.save(tmp)
-        os.replace(tmp, target / CARD_FILE)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DetoxError(f"could not write the model card to {target}: {exc.strerror or exc}") from exc
-    return target / CARD_FILE
+    return atomic_write_text(target / CARD_FILE, str(card))
 
 
 def _is_encoder_decoder(target: Path) -> bool:

@@ -25,6 +25,7 @@ from ..config import Config
 from ..errors import DetoxError
 from ..policy import Policy
 from ..rewards import Scorer
+from ..rundir import RunDir
 from . import checkpoint
 from .core import AdaptiveKLController, FixedKLController, entropy_from_logits, logprobs_from_logits, masked_mean
 from .core import sampling_logits, sequence_kl
@@ -52,7 +53,7 @@ def build_accelerator(config: Config) -> Accelerator:
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.rl.gradient_accumulation_steps,
         log_with=trackers or None,
-        project_dir=str(Path(config.output_dir) / "logs"),
+        project_dir=str(RunDir(config.output_dir).logs),
     )
 
 
@@ -171,7 +172,7 @@ class RLTrainer:
     def rollout(
         self, prompts: list[str], responses: list[str] | None, rewards: Any, references: list[str] | None
     ) -> tuple[Rollout, dict[str, float]]:
-        cfg, timings = self.config, {}
+        cfg, stats = self.config, {}
         tick = time.perf_counter()
         unwrapped = self.accelerator.unwrap_model(self.module)
         with self.accelerator.autocast():
@@ -183,25 +184,25 @@ class RLTrainer:
             else:
                 batch = rollout_from_responses(self.policy, prompts, responses, cfg.generation,
                                                cfg.data.max_prompt_tokens)
-        timings["time/generation"] = time.perf_counter() - tick
+        stats["time/generation"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
         if rewards is None:
             batch.scores, parts = score(self.scorer, prompts, batch.responses, cfg.reward.score_query, references,
                                         cfg.reward.fidelity_weight)
-            timings.update({k: float(masked_mean(torch.tensor(v), reduce=self.reduce)) for k, v in parts.items()})
+            stats.update({k: float(masked_mean(torch.tensor(v), reduce=self.reduce)) for k, v in parts.items()})
         else:
             batch.scores = torch.as_tensor(np.asarray([float(r) for r in rewards], dtype=np.float32))
             if len(batch.scores) != len(prompts) or not torch.isfinite(batch.scores).all():
                 raise DetoxError(f"rewards must be {len(prompts)} finite numbers, one per prompt")
         batch.scores = batch.scores.to(batch.mask.device)
-        timings["time/reward"] = time.perf_counter() - tick
+        stats["time/reward"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
         with self.accelerator.autocast():
             batch.ref_logprobs = reference_logprobs(self.policy, batch, cfg.generation, self.micro_batch)
-        timings["time/reference"] = time.perf_counter() - tick
-        return batch, timings
+        stats["time/reference"] = time.perf_counter() - tick
+        return batch, stats
 
     def step(
         self, prompts: list[str], responses: list[str] | None = None, rewards: Any = None,
@@ -323,7 +324,7 @@ class RLTrainer:
 
     def save_checkpoint(self) -> Path:
         return checkpoint.save(
-            Path(self.config.output_dir) / "checkpoints", self.config.save_total_limit, self.accelerator,
+            RunDir(self.config.output_dir).checkpoints, self.config.save_total_limit, self.accelerator,
             self.module, self.optimizer, self.scheduler, self.trainer_state(),
         )
 
