@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from detoxrl.config import GenerationConfig, ModelConfig
 from detoxrl.errors import DetoxError
-from detoxrl.policy import forward_response, load_policy
+from detoxrl.policy import distinct_rows, forward_response, load_policy
 from detoxrl.rl.core import logprobs_from_logits, sampling_logits
 from detoxrl.rl.rollout import generate, reference_logprobs
 
@@ -125,3 +125,51 @@ def test_unknown_hub_id_says_hub_or_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DetoxError, match="smollm2-offline"):
         load_policy(ModelConfig(name_or_path="nobody/no-such-model-xyz"))
+
+
+def test_distinct_rows():
+    rows = torch.tensor([[3, 1], [2, 2], [3, 1], [0, 5], [2, 2]])
+    first, inverse = distinct_rows(rows)
+    assert sorted(first.tolist()) == [0, 1, 3]  # the first occurrence of each distinct row
+    torch.testing.assert_close(rows[first][inverse], rows)
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_shared_prompts_give_the_same_pass_and_gradients(model, request):
+    """Encoding each distinct prompt once (k responses per prompt, prompts of different lengths, so with
+    padding) gives the logits, values and LoRA gradients of the full pass over every row."""
+    policy = load_policy(ModelConfig(name_or_path=str(request.getfixturevalue(model))))
+    value_head = policy.add_value_head()
+    perturb_adapter(policy)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    query = policy.tokenize_prompts(prompts, 64, "cpu")
+    response = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0], [5, 9, 1, 0], [7, 7, 7, 7], [6, 1, 0, 0]])
+    results = []
+    for share in (False, True):
+        policy.model.zero_grad()
+        out = forward_response(policy.model, query["input_ids"], query["attention_mask"], response, value_head,
+                               share_prompts=share)
+        (out.logits.logsumexp(-1).sum() + out.values.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+        results.append((out.logits.detach(), out.values.detach(), grads))
+    (logits, values, grads), (shared_logits, shared_values, shared_grads) = results
+    torch.testing.assert_close(shared_logits, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shared_values, values, rtol=1e-4, atol=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_generation_with_repeated_prompts_equals_one_row_at_a_time(model, request):
+    """generate() encodes a repeated prompt once; each row still samples what it samples alone."""
+    policy = load_policy(ModelConfig(name_or_path=str(request.getfixturevalue(model))))
+    perturb_adapter(policy)
+    settings = GenerationConfig(max_new_tokens=8, temperature=0.7)
+    prompts, seeds = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3, [21, 22, 23, 24, 25, 26]
+    batch = generate(policy, policy.model, prompts, settings, 64, seeds)
+    for row, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = generate(policy, policy.model, [prompt], settings, 64, [seed])
+        assert batch.responses[row] == alone.responses[0]
+        n = int(alone.mask.sum())
+        torch.testing.assert_close(batch.logprobs[row, :n], alone.logprobs[0, :n], rtol=1e-4, atol=1e-5)

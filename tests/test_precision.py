@@ -157,9 +157,10 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(model, requ
         stats = trainer.step(trainer.batch_prompts(0))
         lora = {n: p.detach().float().cpu().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
         results.append((stats, lora, calls))
-    (plain, plain_lora, plain_calls), (checkpointed, checkpointed_lora, checkpointed_calls) = results
-    # Recomputation shows as extra forward calls of the layer's attention (2 mini-batches of 2 rollouts).
-    assert checkpointed_calls.count(True) == plain_calls.count(True) + 2
+    (plain, plain_lora, _), (checkpointed, checkpointed_lora, checkpointed_calls) = results
+    # Recomputation shows as a second grad-enabled call of the layer's attention in each of the 2 mini-batches
+    # (a checkpointed pass feeds prompt and response in one call; the plain one encodes prompts once, apart).
+    assert checkpointed_calls.count(True) == 2 * 2
     for key in ("loss/policy", "loss/value", "policy/approxkl"):
         assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7)
     for name, weights in plain_lora.items():

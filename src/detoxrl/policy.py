@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -21,8 +22,9 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
 
 from .config import ModelConfig
 from .errors import DetoxError
@@ -31,6 +33,9 @@ from .precision import resolve_dtype
 
 PACKAGE_PREFIX = "pkg://"
 VALUE_HEAD_FILE = "value_head.safetensors"
+# transformers 5.x renamed the key/value cache argument and output from past_key_values to cache.
+CACHE_KEY = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
+    else "past_key_values"
 
 
 def resolve_package_file(name: str) -> str:
@@ -172,8 +177,11 @@ class PolicyModule(nn.Module):
         query_mask: torch.Tensor,
         response_ids: torch.Tensor,
     ) -> ForwardOutput:
+        recomputing = any(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+                          for m in self.model.modules())
         with self.checkpointing_in_eval_mode():
-            return forward_response(self.model, query_ids, query_mask, response_ids, self.value_head)
+            return forward_response(self.model, query_ids, query_mask, response_ids, self.value_head,
+                                    share_prompts=not recomputing)
 
     @contextlib.contextmanager
     def checkpointing_in_eval_mode(self):
@@ -195,26 +203,78 @@ class PolicyModule(nn.Module):
                 layer.training = False
 
 
+def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index of the first occurrence of each distinct row of ``rows``, and for every row which
+    distinct row it is: ``rows[first][inverse] == rows``."""
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    order = torch.arange(len(rows), device=rows.device)
+    first = torch.full((int(inverse.max()) + 1,), len(rows), device=rows.device).scatter_reduce(
+        0, inverse, order, reduce="amin")
+    return first, inverse
+
+
+def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor) -> dict:
+    """The prompt's part of a pass, computed once per distinct prompt and expanded to every row.
+
+    The k responses of a prompt share it, and on a small model the prompt is most of the work.
+    Encoder-decoder: the encoder's output. Decoder-only (prompts padded on the left): the key/value
+    cache of every prompt token but the last, which the caller feeds so that its logits come out.
+    Gradients flow through the expansion, so this serves training passes too.
+    """
+    first, inverse = distinct_rows(torch.cat([query_ids, query_mask], dim=1))
+    ids, mask = query_ids[first], query_mask[first]
+    if model.config.is_encoder_decoder:
+        encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
+        return {"encoder_outputs": BaseModelOutput(last_hidden_state=encoded.last_hidden_state[inverse])}
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                use_cache=True, logits_to_keep=1)
+    cache = out[CACHE_KEY]
+    cache.reorder_cache(inverse)
+    return {CACHE_KEY: cache}
+
+
 def forward_response(
     model: nn.Module,
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
     response_ids: torch.Tensor,
     value_head: ValueHead | None = None,
+    share_prompts: bool = True,
 ) -> ForwardOutput:
-    """Teacher-forced pass over (query, response): the logits (and values) at each response step."""
+    """Teacher-forced pass over (query, response): the logits (and values) at each response step.
+
+    ``share_prompts`` encodes each distinct prompt once (:func:`encode_prompts`); layers that
+    recompute their activations (gradient checkpointing) drop caches, so they pass False.
+    """
     T = response_ids.shape[1]
+    hidden_states = value_head is not None
     if model.config.is_encoder_decoder:
         start = torch.full_like(response_ids[:, :1], model.config.decoder_start_token_id)
+        prompt = encode_prompts(model, query_ids, query_mask) if share_prompts else {"input_ids": query_ids}
         out = model(
-            input_ids=query_ids,
+            **prompt,
             attention_mask=query_mask,
             decoder_input_ids=torch.cat([start, response_ids[:, :-1]], dim=1),
-            output_hidden_states=value_head is not None,
+            output_hidden_states=hidden_states,
             use_cache=False,
         )
         logits = out.logits
-        hidden = out.decoder_hidden_states[-1] if value_head is not None else None
+        hidden = out.decoder_hidden_states[-1] if hidden_states else None
+    elif share_prompts:
+        # The last prompt token and all response tokens but the last, after the cached prompt.
+        mask = torch.cat([query_mask, torch.ones_like(response_ids[:, 1:], dtype=query_mask.dtype)], dim=1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -T:]
+        out = model(
+            input_ids=torch.cat([query_ids[:, -1:], response_ids[:, :-1]], dim=1),
+            attention_mask=mask,
+            position_ids=positions,
+            output_hidden_states=hidden_states,
+            use_cache=True,
+            **encode_prompts(model, query_ids, query_mask),
+        )
+        logits = out.logits
+        hidden = out.hidden_states[-1] if hidden_states else None
     else:
         input_ids = torch.cat([query_ids, response_ids], dim=1)
         mask = torch.cat([query_mask, torch.ones_like(response_ids, dtype=query_mask.dtype)], dim=1)
@@ -223,12 +283,12 @@ def forward_response(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            output_hidden_states=value_head is not None,
+            output_hidden_states=hidden_states,
             use_cache=False,
             logits_to_keep=T + 1,
         )
         logits = out.logits[:, -T - 1 : -1]
-        hidden = out.hidden_states[-1][:, -T - 1 : -1] if value_head is not None else None
+        hidden = out.hidden_states[-1][:, -T - 1 : -1] if hidden_states else None
     values = value_head(hidden) if value_head is not None else None
     return ForwardOutput(logits=logits, values=values)
 

@@ -17,7 +17,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..config import GenerationConfig
 from ..errors import DetoxError
-from ..policy import Policy, ValueHead, forward_response
+from ..policy import Policy, ValueHead, encode_prompts, forward_response
 from ..rewards import Scorer
 from ..rewards.fidelity import rouge_l
 from .core import logprobs_from_logits, response_mask, sampling_logits
@@ -158,7 +158,8 @@ def generate(
     settings = hf_generation_config(config, policy, value_head is not None)
     with model_generation_defaults(model, settings):
         out = model.generate(
-            **query, generation_config=settings, logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_gpus
+            **query, **encode_prompts(model, query["input_ids"], query["attention_mask"]),
+            generation_config=settings, logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_gpus
         )
     start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
     response_ids = out.sequences[:, start:]
