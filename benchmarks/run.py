@@ -45,7 +45,7 @@ TORCH = "torch==2.13.0"  # the CPU build on this machine's disk; anything else p
 
 # Environments. Each entry is the pip arguments that install it.
 ENVIRONMENTS = {
-    # TRL 0.11.4: the last release with the classic RLTrainer and the value-head models.
+    # TRL 0.11.4: the last release with the classic PPOTrainer and the value-head models.
     "trl-0.11": [
         "trl==0.11.4", "transformers==4.46.3", "peft==0.13.2", "accelerate==1.1.1", "datasets<3", "rich", TORCH,
     ],
@@ -93,9 +93,9 @@ SIDES = {
         Side("detoxrl", "detoxrl", "detoxrl_side.py", [], ("seq2seq", "causal"), ("seq2seq", "causal"),
              "detoxrl load_policy + RLTrainer.step(prompts)"),
         Side("trl-ppo-loop", "trl-0.11", "trl_ppo.py", ["--generation", "loop"], ("seq2seq", "causal"),
-             ("seq2seq",), "TRL 0.11.4 RLTrainer, one generate() per prompt (the recipe's loop), then step()"),
+             ("seq2seq",), "TRL 0.11.4 PPOTrainer, one generate() per prompt (the recipe's loop), then step()"),
         Side("trl-ppo-batched", "trl-0.11", "trl_ppo.py", ["--generation", "batched"], ("seq2seq", "causal"),
-             ("seq2seq", "causal"), "TRL 0.11.4 RLTrainer, generate(list, batch_size=B), then step()"),
+             ("seq2seq", "causal"), "TRL 0.11.4 PPOTrainer, generate(list, batch_size=B), then step()"),
         Side("trl-rloo", "trl-1.16", "trl_rloo.py", [], ("causal",), ("causal",),
              "TRL 1.16 RLOOTrainer.train(), B/2 prompts x 2 completions per round"),
     ]

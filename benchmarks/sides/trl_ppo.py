@@ -1,4 +1,4 @@
-"""Baseline: TRL 0.11.4 RLTrainer + a peft LoRA adapter (the classic PPO recipe).
+"""Baseline: TRL 0.11.4 PPOTrainer + a peft LoRA adapter (the classic PPO recipe).
 
 --generation loop     one ``ppo_trainer.generate(query)`` call per prompt in a Python loop,
                       as the recipe does (``for prompt_tensor in prompt_tensors: ...``)
@@ -42,8 +42,8 @@ def main() -> None:
     from trl import (
         AutoModelForCausalLMWithValueHead,
         AutoModelForSeq2SeqLMWithValueHead,
-        RLConfig,
-        RLTrainer,
+        PPOConfig,
+        PPOTrainer,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
@@ -57,7 +57,7 @@ def main() -> None:
     )
     auto = AutoModelForSeq2SeqLMWithValueHead if s.is_encoder_decoder else AutoModelForCausalLMWithValueHead
     model = auto.from_pretrained(args.model_dir, peft_config=lora, torch_dtype=torch.float32)
-    config = RLConfig(
+    config = PPOConfig(
         model_name=args.model_dir,
         learning_rate=common.LEARNING_RATE,
         batch_size=s.batch_size,
@@ -68,7 +68,7 @@ def main() -> None:
         log_with=None,
     )
     # ref_model=None with a peft model: the reference is the base with the adapter disabled.
-    trainer = RLTrainer(config=config, model=model, ref_model=None, tokenizer=tokenizer)
+    trainer = PPOTrainer(config=config, model=model, ref_model=None, tokenizer=tokenizer)
     generation_kwargs = {
         "min_new_tokens": s.response_tokens,
         "max_new_tokens": s.response_tokens,
