@@ -98,6 +98,12 @@ SIDES = {
              ("seq2seq", "causal"), "TRL 0.11.4 PPOTrainer, generate(list, batch_size=B), then step()"),
         Side("trl-rloo", "trl-1.16", "trl_rloo.py", [], ("causal",), ("causal",),
              "TRL 1.16 RLOOTrainer.train(), B/2 prompts x 2 completions per round"),
+        Side("detoxrl-bf16", "detoxrl", "detoxrl_side.py", ["--dtype", "bfloat16"], ("seq2seq", "causal"),
+             ("seq2seq", "causal"), "detoxrl with model.dtype bfloat16 (base weights; LoRA, log-probs, losses fp32)"),
+        Side("trl-ppo-batched-bf16", "trl-0.11", "trl_ppo.py", ["--generation", "batched", "--dtype", "bfloat16"],
+             ("seq2seq", "causal"), ("seq2seq",), "TRL 0.11.4 PPOTrainer batched, model loaded in bfloat16"),
+        Side("detoxrl-rloo", "detoxrl", "detoxrl_side.py", ["--algorithm", "rloo"], ("seq2seq", "causal"),
+             ("causal",), "detoxrl RLOO: B/2 prompts x 2 responses, no value head (compare with trl-rloo)"),
     ]
 }
 REFERENCE_SIDE = "detoxrl"

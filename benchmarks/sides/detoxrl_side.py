@@ -82,6 +82,7 @@ def main() -> None:
             return np.asarray(common.stand_in_rewards(len(texts), step_index["value"]), dtype=np.float32)
 
     policy = load_policy(config.model, device=args.device)
+    peak_after_load = common.peak_rss_mb()
     all_prompts = [p for i in range(-args.warmup, args.iterations) for p in common.prompt_texts(s, i)]
     trainer = RLTrainer(config, policy, StandInScorer(), all_prompts)
 
@@ -105,8 +106,12 @@ def main() -> None:
 
     for w in range(args.warmup):
         iteration(-1 - w)
+    peak_after_warmup = common.peak_rss_mb()
     results = [iteration(i) for i in range(args.iterations)]
-    extra = {"device": args.device, "dtype": args.dtype, "algorithm": args.algorithm}
+    # Where the peak lies: loading, then the first (warm-up) iteration, then the timed ones.
+    extra = {"device": args.device, "dtype": args.dtype, "algorithm": args.algorithm,
+             "peak_rss_after_load_mb": round(peak_after_load, 1),
+             "peak_rss_after_warmup_mb": round(peak_after_warmup, 1)}
     if args.device.startswith("cuda"):
         import torch
 

@@ -29,6 +29,7 @@ import _common as common  # noqa: E402
 
 def extra_args(parser) -> None:
     parser.add_argument("--generation", choices=["loop", "batched"], required=True)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype the model is loaded in")
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
         task_type="SEQ_2_SEQ_LM" if s.is_encoder_decoder else "CAUSAL_LM",
     )
     auto = AutoModelForSeq2SeqLMWithValueHead if s.is_encoder_decoder else AutoModelForCausalLMWithValueHead
-    model = auto.from_pretrained(args.model_dir, peft_config=lora, torch_dtype=torch.float32)
+    model = auto.from_pretrained(args.model_dir, peft_config=lora, torch_dtype=getattr(torch, args.dtype))
     config = PPOConfig(
         model_name=args.model_dir,
         learning_rate=common.LEARNING_RATE,
