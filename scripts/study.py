@@ -78,7 +78,7 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     config = build_config("smollm2-offline", overrides={"report_to": [], "eval.enabled": False, **json.loads(args.set)})
     set_seed(config.seed)
-    train_rows, _ = build_splits(config.data, config.seed)  # the test split is never used here
+    train_rows, _ = build_splits(config.data)  # the test split is never used here
     train_rows, heated, neutral = validation_split(train_rows, args.n_validation)
     scorers = (HateSonarScorer(), ProfanityScorer())
     policy = load_policy(config.model)

@@ -39,7 +39,7 @@ def test_notebook_flow_build_step_evaluate(tiny_t5, tmp_path):
     config = detoxrl.build_config(overrides=tiny_run_settings(tiny_t5, run, **{
         "rl.batch_size": 2, "rl.mini_batch_size": 2, "eval.max_prompts": 4, "eval.evaluators": ["profanity-check"]}))
     policy = detoxrl.load_policy(config.model)
-    train_rows, test_rows = detoxrl.build_splits(config.data, config.seed)
+    train_rows, test_rows = detoxrl.build_splits(config.data)
     prompts = list(train_rows["prompt"])
     trainer = detoxrl.RLTrainer(config, policy, ThanksShare(), prompts)
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}

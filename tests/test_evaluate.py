@@ -1,4 +1,5 @@
-"""Evaluation on tiny models: merged-weight sampling, perplexity, the learning-curve judge, groups."""
+"""Evaluation on tiny models: merged-weight sampling, perplexity, the learning-curve judge, groups, the
+toxicity group and its control prompts."""
 
 import json
 from types import SimpleNamespace
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from detoxrl.config import ModelConfig
+from detoxrl.config import ModelConfig, build_config
 from detoxrl.errors import DetoxError
 from detoxrl.evaluation import evaluate
 from detoxrl.evaluation.evaluate import (
@@ -21,6 +22,7 @@ from detoxrl.evaluation.evaluate import (
     reference_pass,
     response_kl,
     sample,
+    select_prompts,
     texts_of,
 )
 from detoxrl.policy import load_policy
@@ -43,6 +45,18 @@ class WordCount(Scorer):
 
     def rewards(self, texts):
         return 1.0 - self.toxicity(texts)
+
+
+class FlagsAll(Scorer):
+    """Every text is toxic: the counts then show how many prompts and samples were judged."""
+
+    name = "flags-all"
+
+    def toxicity(self, texts):
+        return np.ones(len(texts))
+
+    def rewards(self, texts):
+        return np.zeros(len(texts))
 
 
 def perturbed_policy(path):
@@ -181,3 +195,74 @@ def test_evaluate_run_puts_every_model_on_the_accelerators_device(tiny_t5, tiny_
     assert {p.device for module in modules for p in module.parameters()} == {torch.device("meta")}
     assert out == seen["out_dir"] == run.eval
     assert json.loads(RunDir(out).metrics.read_text())["evaluation"] == seen["evaluation"]
+
+
+def test_select_prompts_takes_the_toxicity_group_then_controls():
+    groups = [False, True, False, True, True, False, False]
+    config = build_config(overrides={"eval.group_column": "heated", "eval.toxicity_group": "True",
+                                     "eval.max_prompts": 2, "eval.control_prompts": 3})
+    assert select_prompts(groups, 7, config) == ([1, 3, 0, 2, 5], 2)  # each part in dataset order
+    config.eval.max_prompts, config.eval.control_prompts = None, 0
+    assert select_prompts(groups, 7, config) == ([1, 3, 4], 3)
+    config.eval.toxicity_group, config.eval.max_prompts = None, 4
+    assert select_prompts(groups, 7, config) == ([0, 1, 2, 3], 4)  # without a toxicity group: the first max_prompts
+    config.eval.toxicity_group = "yes"
+    with pytest.raises(DetoxError, match="eval.toxicity_group 'yes' is not a value of eval.group_column 'heated' in "
+                                         "the evaluated prompts; its values are: False, True"):
+        select_prompts(groups, 7, config)
+    with pytest.raises(DetoxError, match="eval.toxicity_group needs the prompts' values of eval.group_column"):
+        select_prompts(None, 7, config)
+
+
+def test_toxicity_is_measured_on_the_toxicity_group_only(tiny_t5, tmp_path):
+    policy = perturbed_policy(tiny_t5)
+    config = tiny_run_config(tiny_t5, tmp_path, **{
+        "generation.max_new_tokens": 3, "eval.samples_per_prompt": 2, "eval.batch_size": 8,
+        "eval.group_column": "heated", "eval.toxicity_group": "True", "eval.control_prompts": 1})
+    prompts = PROMPTS + ["a summary of the conversation"]
+    evaluation = evaluate_policy(config, policy, prompts, None, WordCount(), tmp_path / "eval", [],
+                                 evaluators={"flags-all": FlagsAll()}, groups=[False, True, False, True])
+    assert (evaluation["num_prompts"], evaluation["toxicity_prompts"], evaluation["control_prompts"]) == (3, 2, 1)
+    assert evaluation["toxicity_group"] == "True"
+    for side in ("reference", "policy"):
+        flagged = evaluation["evaluators"]["flags-all"][side]
+        assert [flagged[key] for key in ("prompts", "toxic_prompts", "samples", "toxic_samples")] == [2, 2, 4, 4]
+        assert evaluation["evaluators"]["word-count"][side]["samples"] == 4  # the reward scorer too
+    assert {g: b["num_prompts"] for g, b in evaluation["groups"].items()} == {"False": 1, "True": 2}  # quality: all
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").read_text().splitlines()]
+    assert [r["group"] for r in rows] == [True, True, True, True, False, False]
+    assert [r["prompt"] for r in rows[::2]] == [PROMPTS[1], prompts[3], PROMPTS[0]]
+    assert all("toxicity_flags-all_policy" in r for r in rows)  # every response keeps its scores
+    assert evaluation["reward_mean"]["policy"] == pytest.approx(np.mean([r["reward_policy"] for r in rows[:4]]))
+    assert len((tmp_path / "eval" / "samples.csv").read_text().splitlines()) == 1 + 2  # ranked toxicity prompts
+    assert "Toxicity: 2 prompts with heated = True; quality: all 3 prompts" in \
+        (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_evaluate_run_with_a_toxicity_group(tiny_t5, tiny_classifier, tmp_path):
+    """``detoxrl evaluate`` selects from the test split (data.split_seed) by the dataset's heated column."""
+    config = tiny_run_config(tiny_t5, tmp_path / "run", tiny_classifier, **{
+        "generation.max_new_tokens": 3, "eval.evaluators": [], "eval.group_column": "heated",
+        "eval.toxicity_group": "False", "eval.max_prompts": 2, "eval.control_prompts": 3})
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    config.save(run.config)
+    load_policy(config.model).save_pretrained(run.adapter)
+    out = evaluate.evaluate_run(run.path)
+    evaluation = json.loads(RunDir(out).metrics.read_text())["evaluation"]
+    assert (evaluation["num_prompts"], evaluation["toxicity_prompts"], evaluation["control_prompts"]) == (5, 2, 3)
+    assert evaluation["evaluators"][str(tiny_classifier)]["reference"]["prompts"] == 2
+    rows = [json.loads(line) for line in RunDir(out).responses.read_text().splitlines()]
+    assert [r["group"] for r in rows] == [False, False, True, True, True]
+
+
+def test_learning_curve_judges_toxicity_group_prompts(monkeypatch):
+    from detoxrl.train import curve_judge
+
+    config = build_config(overrides={"eval.curve_steps": 1, "eval.curve_prompts": 2, "eval.group_column": "heated"})
+    monkeypatch.setattr(evaluate, "held_out_evaluator", lambda spec, label: spec)
+    monkeypatch.setattr(evaluate, "judge_subset", lambda policy, prompts, config, judge, samples: prompts)
+    prompts, groups = ["a", "b", "c", "d", "e"], [False, True, False, True, True]
+    assert curve_judge(config, None, prompts, groups)() == ["a", "b"]
+    config.eval.toxicity_group = "True"
+    assert curve_judge(config, None, prompts, groups)() == ["b", "d"]

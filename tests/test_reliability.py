@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detoxrl.config import DataConfig, build_config
+from detoxrl.config import DataConfig, build_config, load_run_config
 from detoxrl.data import build_splits
 from detoxrl.errors import DetoxError
 from detoxrl.rundir import RunDir, atomic_write_json, read_history, write_history
@@ -437,9 +437,50 @@ def test_build_splits_leaves_the_config_unchanged():
     """A reference column the dataset lacks is absent from the rows; the caller's settings stay as given."""
     config = DataConfig(dataset="detoxrl:heated_dialogsum", reference_column="no_such_column")
     before = dataclasses.asdict(config)
-    train_rows, test_rows = build_splits(config, seed=0)
+    train_rows, test_rows = build_splits(config)
     assert dataclasses.asdict(config) == before
     assert "no_such_column" not in train_rows.column_names and "prompt" in test_rows.column_names
+
+
+def test_split_seed_alone_decides_the_test_split(tmp_path):
+    """Runs with different training seeds are judged on the same test prompts; runs saved before
+    data.split_seed existed keep the split their seed made."""
+    def test_prompts(**dotted):
+        config = build_config(overrides={"data.dataset": "detoxrl:heated_dialogsum", **dotted})
+        return list(build_splits(config.data)[1]["prompt"])
+
+    assert test_prompts(seed=0) == test_prompts(seed=1)
+    assert test_prompts(**{"data.split_seed": 1}) != test_prompts()
+    saved = build_config(overrides={"seed": 3}).to_dict()
+    del saved["data"]["split_seed"]
+    assert load_run_config(write_yaml(tmp_path / "old.yaml", saved)).data.split_seed == 3
+    saved["data"]["split_seed"] = 0
+    assert load_run_config(write_yaml(tmp_path / "new.yaml", saved)).data.split_seed == 0
+
+
+@pytest.mark.parametrize(
+    "dotted, message",
+    [
+        ({"eval.toxicity_group": "True"},
+         "eval.toxicity_group needs eval.group_column, the dataset column whose value it names"),
+        ({"eval.control_prompts": 4},
+         "eval.control_prompts needs eval.toxicity_group: without it every evaluated prompt is judged for toxicity"),
+        ({"eval.group_column": "heated", "eval.toxicity_group": "True", "eval.control_prompts": -1},
+         "eval.control_prompts must be 0 or more, got -1"),
+        ({"eval.group_column": "heated", "eval.toxicity_group": True},
+         "eval.toxicity_group must be a string, got True (YAML reads unquoted true, yes and on as booleans: quote "
+         "the value)"),
+        ({"eval.group_column": "heated", "eval.toxicity_group": "yes"},
+         "eval.toxicity_group 'yes' is not a value of eval.group_column 'heated' in the evaluated prompts; its values "
+         "are: False, True"),
+        ({"data.split_seed": -1}, "data.split_seed must be 0 or more, got -1"),
+    ],
+    ids=["group-without-column", "controls-without-group", "controls-negative", "group-unquoted", "group-absent",
+         "split-seed-negative"],
+)
+def test_bad_evaluation_prompt_settings(tmp_path, tiny_t5, tiny_classifier, run_cli, dotted, message):
+    config = settings(tmp_path, tiny_t5, tiny_classifier, **{"eval.enabled": True, **dotted})
+    train_and_expect(tmp_path, run_cli, config, message)
 
 
 def test_history_writes_non_finite_values_as_null(tmp_path):
@@ -494,6 +535,16 @@ def test_evaluate_bad_counts(run_cli, finished_run, flags, message):
     code, _, err = run_cli(["evaluate", finished_run, *flags])
     assert_one_error(code, err, message)
     assert not (finished_run / "eval").exists()
+
+
+def test_evaluate_toxicity_group_absent(tmp_path, run_cli, finished_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    config = load_run_config(run / "config.yaml", {"eval.group_column": "heated", "eval.toxicity_group": "maybe"})
+    config.save(run / "config.yaml")
+    code, _, err = run_cli(["evaluate", run])
+    assert_one_error(code, err, "eval.toxicity_group 'maybe' is not a value of eval.group_column 'heated'")
+    assert not (run / "eval").exists()
 
 
 def test_evaluate_dataset_without_prompt_column(tmp_path, run_cli, finished_run):

@@ -26,7 +26,7 @@ def test_smollm2_gguf_one_preset_step(tmp_path):
             "data.max_prompt_tokens": 96, "output_dir": str(tmp_path), "report_to": [], "device": "cpu",
         },
     )
-    train_rows, test_rows = build_splits(config.data, config.seed)
+    train_rows, test_rows = build_splits(config.data)
     assert len(train_rows) + len(test_rows) >= 150
     policy = load_policy(config.model)
     assert policy.model.config.model_type == "llama" and policy.use_chat_template

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import (
     ALGORITHMS, LOSS_NORMALIZATIONS, MIXED_PRECISIONS, MODEL_DTYPES, PRESETS, SCORERS, TRANSFORMS, Config,
-    build_config, iter_fields,
+    build_config, iter_fields, load_run_config,
 )
 from .errors import DetoxError
 from .rundir import RunDir
@@ -221,12 +221,11 @@ def quiet_libraries() -> None:
 def layered_config(args: argparse.Namespace) -> Config:
     """Defaults, preset, --config file, flags; resuming without --config reuses the run's own settings."""
     overrides = collect_overrides(args)
-    config_file, preset = args.config, args.preset or (None if args.config else DEFAULT_PRESET)
     saved = RunDir(overrides.get("output_dir") or "").config
     if getattr(args, "resume", False) and not args.config and not args.preset and "output_dir" in overrides \
             and saved.is_file():
-        config_file, preset = saved, None
-    return build_config(preset, config_file, overrides)
+        return load_run_config(saved, overrides)
+    return build_config(args.preset or (None if args.config else DEFAULT_PRESET), args.config, overrides)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -79,6 +79,8 @@ class DataConfig:
     min_chars: int = _f(200, "Keep texts longer than this many characters.")
     max_chars: int = _f(1000, "Keep texts of at most this many characters.")
     test_size: float = _f(0.2, "Held-out fraction for the before/after comparison.")
+    split_seed: int = _f(0, "Seed of the train/test split; fixed apart from `seed` so that runs with different "
+                            "training seeds are judged on the same test prompts.")
     max_prompt_tokens: int = _f(512, "Prompts are truncated to this many tokens.")
 
 
@@ -146,10 +148,27 @@ class EvalConfig:
     group_column: str | None = _f(
         None, "Dataset column whose values split the quality metrics per group (e.g. heated)."
     )
+    toxicity_group: str | None = _f(
+        None, "Value of eval.group_column (as text, e.g. True) marking the prompts toxicity is measured on, as the "
+              "field measures it on challenging prompts; the other groups' prompts (eval.control_prompts of them) "
+              "check only that quality holds."
+    )
+    control_prompts: int = _f(0, "With eval.toxicity_group: prompts of the other groups evaluated for quality only.")
     curve_steps: int = _f(0, "Every this many training steps, judge the policy on a fixed subset of the evaluation "
                              "prompts with the first evaluator: a learning curve in history.jsonl (0: off).")
     curve_prompts: int = _f(16, "Prompts in the learning-curve subset.")
     curve_samples: int = _f(2, "Responses per prompt in the learning-curve subset.")
+
+    def check_prompt_selection(self) -> None:
+        """Refuse toxicity_group/control_prompts settings that cannot select prompts (also for ``evaluate``)."""
+        if self.control_prompts < 0:
+            raise DetoxError(f"eval.control_prompts must be 0 or more, got {self.control_prompts}")
+        if self.toxicity_group is None:
+            if self.control_prompts:
+                raise DetoxError("eval.control_prompts needs eval.toxicity_group: without it every evaluated prompt "
+                                 "is judged for toxicity")
+        elif self.group_column is None:
+            raise DetoxError("eval.toxicity_group needs eval.group_column, the dataset column whose value it names")
 
 
 @dataclass
@@ -257,6 +276,8 @@ class Config:
             raise DetoxError("reward.fidelity_weight needs data.reference_column (the reference responses)")
         if not 0 < self.data.test_size < 1:
             raise DetoxError(f"data.test_size must be between 0 and 1, got {self.data.test_size}")
+        if self.data.split_seed < 0:
+            raise DetoxError(f"data.split_seed must be 0 or more, got {self.data.split_seed}")
         if "{text}" not in self.data.prompt_template:
             raise DetoxError("data.prompt_template must contain {text}")
         for name in ("curve_prompts", "curve_samples"):
@@ -266,6 +287,7 @@ class Config:
             raise DetoxError(f"eval.curve_steps must be 0 or more, got {self.eval.curve_steps}")
         if self.eval.samples_per_prompt < 1:
             raise DetoxError(f"eval.samples_per_prompt must be at least 1, got {self.eval.samples_per_prompt}")
+        self.eval.check_prompt_selection()
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
             raise DetoxError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.model.dtype not in MODEL_DTYPES:
@@ -322,7 +344,10 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             raise DetoxError(f"{where} must be {'an integer' if annotation is int else 'a number'}, got {value!r}")
         return number
     if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):
+            raise DetoxError(f"{where} must be a string, got {value!r} (YAML reads unquoted true, yes and on as "
+                             "booleans: quote the value)")
+        if not isinstance(value, (str, int, float)):
             raise DetoxError(f"{where} must be a string, got {value!r}")
         return str(value)
     return value
@@ -396,6 +421,19 @@ def build_config(
         node[leaf] = value
         _apply(config, nested)
     return config
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """A run's saved ``config.yaml``, then dotted overrides.
+
+    Runs saved before ``data.split_seed`` existed split their data with their ``seed``; it stays their
+    split seed, so evaluating or resuming them never mixes their training prompts into the test split.
+    """
+    saved = load_yaml(path)
+    data = saved.get("data")
+    if not (isinstance(data, dict) and "split_seed" in data):
+        overrides = {"data.split_seed": saved.get("seed", Config().seed), **(overrides or {})}
+    return build_config(config_file=path, overrides=overrides)
 
 
 def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:

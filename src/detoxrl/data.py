@@ -108,8 +108,10 @@ def check_text_column(rows: Dataset, column: str, setting: str, dataset: str) ->
             raise DetoxError(f"dataset {dataset} row {number}: {setting} {column!r} {what}; every row needs text there")
 
 
-def build_splits(config: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
-    """Filter by length (min_chars < len <= max_chars), add ``prompt``, split with a fixed seed.
+def build_splits(config: DataConfig) -> tuple[Dataset, Dataset]:
+    """Filter by length (min_chars < len <= max_chars), add ``prompt``, split with ``split_seed``.
+
+    The split seed is not the run's seed, so runs with different training seeds share their test prompts.
 
     ``config`` is not changed: a ``reference_column`` the dataset lacks is simply absent from the rows, so
     callers check ``column in rows.column_names``.
@@ -131,5 +133,5 @@ def build_splits(config: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
         )
     template = config.prompt_template
     rows = rows.map(lambda text: {"prompt": template.replace("{text}", text)}, input_columns=config.text_column)
-    split = rows.train_test_split(test_size=config.test_size, shuffle=True, seed=seed)
+    split = rows.train_test_split(test_size=config.test_size, shuffle=True, seed=config.split_seed)
     return split["train"], split["test"]

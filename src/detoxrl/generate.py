@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from .config import Config, build_config
+from .config import Config, load_run_config
 from .errors import DetoxError
 from .policy import Policy, load_policy
 from .rundir import RunDir
@@ -57,7 +57,7 @@ def load_run(run_dir: str | Path) -> Run:
         metrics = json.loads(run.metrics.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DetoxError(f"cannot read {run.metrics}: {exc}") from None
-    return Run(run, build_config(config_file=run.config), metrics)
+    return Run(run, load_run_config(run.config), metrics)
 
 
 def read_prompts(config: Config, texts: list[str], file: str | None, stdin: Iterable[str] | None,

@@ -13,7 +13,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .config import Config, build_config
+from .config import Config, load_run_config
 from .errors import DetoxError
 from .hub import looks_like_path
 from .policy import PACKAGE_PREFIX, portable_base
@@ -78,6 +78,9 @@ def evaluation_section(metrics: dict | None) -> str:
         return "\n".join(lines) + "\n"
     n, k = evaluation.get("num_prompts", "n/a"), evaluation.get("samples_per_prompt", 1)
     threshold = evaluation.get("threshold", 0.5)
+    if "toxicity_group" in evaluation:
+        n = (f"{n} (toxicity is measured on the {evaluation.get('toxicity_prompts')} with "
+             f"{evaluation.get('group_column')} = {evaluation['toxicity_group']}, quality on all)")
     lines = [
         f"Held-out test prompts: {n}, {k} sampled response(s) per prompt and model, the same seeds for both. "
         f"Toxicity is each scorer's probability of the toxic class; a response is toxic at or above {threshold}. "
@@ -117,7 +120,7 @@ def training_section(config: Config, supervised: bool) -> str:
         lines.append(f"- Started from the adapter `{m.adapter}`")
     d = config.data
     lines.append(f"- Data: `{d.dataset}`, column `{d.text_column}`, texts of {d.min_chars}-{d.max_chars} "
-                 f"characters, {1 - d.test_size:.0%} train / {d.test_size:.0%} test (seed {config.seed})")
+                 f"characters, {1 - d.test_size:.0%} train / {d.test_size:.0%} test (split seed {d.split_seed})")
     if supervised:
         s = config.sft
         lines.append(f"- Supervised fine-tuning on `{d.reference_column}` (loss on the target tokens only): "
@@ -256,7 +259,7 @@ def write_model_card(run_dir_or_config: str | Path | Config, target_dir: str | P
         run = RunDir(run_dir_or_config)
         if not run.config.is_file():
             raise DetoxError(f"{run.path} is not a detoxrl run directory (config.yaml is missing)")
-        config = build_config(config_file=run.config)
+        config = load_run_config(run.config)
         if metrics is None and run.metrics.is_file():
             metrics = json.loads(run.metrics.read_text())
     merged = not (target / "adapter_config.json").is_file()

@@ -156,7 +156,7 @@ def _sft(config: Config, out: RunDir, main: bool) -> Path:
         torch.set_num_threads(config.threads)
     if main:
         config.save(out.config)
-    train_rows, test_rows = build_splits(config.data, config.seed)
+    train_rows, test_rows = build_splits(config.data)
     policy = load_policy(config.model, device=config.device)
     column = config.data.reference_column
     pairs = Dataset.from_dict(encode_pairs(policy, list(train_rows["prompt"]), list(train_rows[column]),

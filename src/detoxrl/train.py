@@ -71,7 +71,8 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     if main:
         config.save(run.config)
 
-    train_rows, test_rows = build_splits(config.data, config.seed)
+    train_rows, test_rows = build_splits(config.data)
+    test_prompts, test_groups = list(test_rows["prompt"]), evaluation_groups(test_rows, config)
     reward = build_reward(config.reward, str(accelerator.device), config.model.trust_remote_code)
     policy = load_policy(config.model, device=config.device)
     check_generation_fits(config, policy.model.config)
@@ -92,7 +93,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
         total=config.rl.steps, initial=trainer.step_count, desc=config.rl.algorithm.upper(), unit="step",
         disable=not main, dynamic_ncols=True,
     )
-    learning_curve = curve_judge(config, policy, list(test_rows["prompt"]))
+    learning_curve = curve_judge(config, policy, test_prompts, test_groups)
 
     def on_step(stats: dict[str, float]) -> None:
         if learning_curve and stats["step"] % config.eval.curve_steps == 0:
@@ -131,11 +132,11 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
         "train": trainer.history[-1] if trainer.history else {},
     }
     if config.eval.enabled and main:
-        from .evaluation.evaluate import evaluate_policy, prompt_groups
+        from .evaluation.evaluate import evaluate_policy
 
         metrics["evaluation"] = evaluate_policy(
-            config, policy, list(test_rows["prompt"]), references(test_rows, config), reward, out, trainer.history,
-            groups=prompt_groups(test_rows, config),
+            config, policy, test_prompts, references(test_rows, config), reward, out, trainer.history,
+            groups=test_groups,
         )
     metrics["run"]["wall_seconds"] = round(time.time() - started, 1)
     if main:
@@ -148,18 +149,29 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     return out
 
 
-def curve_judge(config: Config, policy, prompts: list[str]):
+def evaluation_groups(test_rows, config: Config) -> list | None:
+    """The evaluation's group of each test prompt; a bad eval.group_column or eval.toxicity_group fails
+    here, before training, rather than at the evaluation after it."""
+    if not (config.eval.enabled or config.eval.curve_steps):
+        return None
+    from .evaluation.evaluate import prompt_groups
+
+    return prompt_groups(test_rows, config)
+
+
+def curve_judge(config: Config, policy, prompts: list[str], groups: list | None):
     """A function giving one learning-curve point (``eval/*`` keys), or None when eval.curve_steps is 0.
 
-    The subset is the first eval.curve_prompts evaluation prompts, judged by the first held-out evaluator.
+    The subset is the first eval.curve_prompts evaluation prompts that toxicity is measured on (those of
+    eval.toxicity_group when it is set), judged by the first held-out evaluator.
     """
     e = config.eval
     if not e.curve_steps or not e.evaluators:
         return None
-    from .evaluation.evaluate import held_out_evaluator, judge_subset
+    from .evaluation.evaluate import held_out_evaluator, judge_subset, toxicity_indices
 
     judge = held_out_evaluator(e.evaluators[0], e.nontoxic_label)
-    subset = prompts[: e.curve_prompts]
+    subset = [prompts[i] for i in toxicity_indices(groups, len(prompts), config)[: e.curve_prompts]]
     return lambda: judge_subset(policy, subset, config, judge, e.curve_samples)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from ..config import Config, RewardConfig, build_config
+from ..config import Config, RewardConfig, load_run_config
 from ..data import build_splits, load_rows
 from ..errors import DetoxError
 from ..hub import load_pretrained
@@ -229,14 +229,50 @@ def reward_unit(reward: RewardConfig) -> str:
 
 
 def prompt_groups(rows, config: Config) -> list | None:
-    """The value of ``eval.group_column`` for each row (None when the setting is unset)."""
+    """The value of ``eval.group_column`` for each row (None when the setting is unset).
+
+    An ``eval.toxicity_group`` that no row has is refused here, before anything is generated or trained.
+    """
     column = config.eval.group_column
     if column is None:
         return None
     if column not in rows.column_names:
         raise DetoxError(f"eval.group_column {column!r} is not a column of the dataset; its columns are: "
                          f"{', '.join(rows.column_names)}")
-    return list(rows[column])
+    groups = list(rows[column])
+    toxicity_indices(groups, len(groups), config)
+    return groups
+
+
+def toxicity_indices(groups: list | None, count: int, config: Config) -> list[int]:
+    """Indices of the prompts (of ``count``) that toxicity may be measured on, in order: all of them, or with
+    ``eval.toxicity_group`` those whose group has that value as text."""
+    wanted = config.eval.toxicity_group
+    if wanted is None:
+        return list(range(count))
+    if groups is None:
+        raise DetoxError("eval.toxicity_group needs the prompts' values of eval.group_column")
+    indices = [i for i, g in enumerate(groups) if str(g) == wanted]
+    if not indices:
+        present = ", ".join(sorted({str(g) for g in groups}))
+        raise DetoxError(f"eval.toxicity_group {wanted!r} is not a value of eval.group_column "
+                         f"{config.eval.group_column!r} in the evaluated prompts; its values are: {present}")
+    return indices
+
+
+def select_prompts(groups: list | None, count: int, config: Config) -> tuple[list[int], int]:
+    """Indices of the prompts to evaluate, and how many of them, first, toxicity is measured on.
+
+    These are the first ``eval.max_prompts`` of :func:`toxicity_indices`, followed with
+    ``eval.toxicity_group`` by the first ``eval.control_prompts`` of the other groups, which check
+    only that quality holds where there is nothing to detoxify.
+    """
+    e = config.eval
+    toxic = toxicity_indices(groups, count, config)[: e.max_prompts]
+    if e.toxicity_group is None:
+        return toxic, len(toxic)
+    others = [i for i, g in enumerate(groups) if str(g) != e.toxicity_group]
+    return toxic + others[: e.control_prompts], len(toxic)
 
 
 def _group_quality(groups: list, k: int, sides: dict, refs: list[str] | None, nll: dict) -> dict:
@@ -268,15 +304,17 @@ def evaluate_policy(
     """Generate, score, compare; write report.html, samples.csv and responses.jsonl; return the metrics block.
 
     ``groups`` holds one value per prompt (``eval.group_column``, see :func:`prompt_groups`):
-    quality is then also reported per group, toxicity stays over all prompts.
+    quality is then also reported per group. Toxicity (every judge's statistics, the reward's mean,
+    the ranked examples) is measured on all evaluated prompts, or with ``eval.toxicity_group`` on
+    that group's only (:func:`select_prompts`); responses.jsonl scores every response.
     """
     e = config.eval
     if groups is not None and len(groups) != len(prompts):
         raise DetoxError(f"{len(groups)} group values for {len(prompts)} prompts")
-    if e.max_prompts:
-        prompts = prompts[: e.max_prompts]
-        references = references[: e.max_prompts] if references else None
-        groups = groups[: e.max_prompts] if groups is not None else None
+    chosen, t = select_prompts(groups, len(prompts), config)
+    prompts = [prompts[i] for i in chosen]
+    references = [references[i] for i in chosen] if references else None
+    groups = [groups[i] for i in chosen] if groups is not None else None
     if not prompts:
         raise DetoxError("no prompts to evaluate")
     device = next(policy.model.parameters()).device
@@ -308,14 +346,15 @@ def evaluate_policy(
 
     scored: dict[str, dict] = {}
     raw: dict[str, dict[str, list[float]]] = {}
+    toxic = slice(0, t * k)  # the samples of the toxicity prompts, which come first
     roles = [(reward, "reward")] + [(s, "held-out") for s in evaluators.values()]
     for scorer, role in roles:
         try:
             tox_before, tox_after = scorer.toxicity(before), scorer.toxicity(after)
         except NotImplementedError:
             continue
-        summary = toxicity_summary(np.reshape(tox_before, (n, k)), np.reshape(tox_after, (n, k)), e.threshold,
-                                   seed=config.seed)
+        summary = toxicity_summary(np.reshape(tox_before[toxic], (t, k)), np.reshape(tox_after[toxic], (t, k)),
+                                   e.threshold, seed=config.seed)
         scored[scorer.name] = {"role": role, **summary}
         raw[scorer.name] = {"reference": [float(x) for x in tox_before], "policy": [float(x) for x in tox_after]}
 
@@ -326,10 +365,12 @@ def evaluate_policy(
         quality[side].update({name: perplexity(*pair) for name, pair in nll[side].items()})
     quality["policy"]["kl_mean"] = float(np.mean(kl))
 
+    judged = {name: {side: scores[toxic] for side, scores in v.items()} for name, v in raw.items()}
     judge = next((name for name, ev in scored.items() if ev["role"] == "held-out"), next(iter(scored), None))
     table = [] if judge is None else qualitative_table(
-        prompts, before, after, np.reshape(raw[judge]["reference"], (n, k)), np.reshape(raw[judge]["policy"], (n, k)),
-        np.reshape(reward_before, (n, k)), np.reshape(reward_after, (n, k)))
+        prompts[:t], before[toxic], after[toxic], np.reshape(judged[judge]["reference"], (t, k)),
+        np.reshape(judged[judge]["policy"], (t, k)), np.reshape(reward_before[toxic], (t, k)),
+        np.reshape(reward_after[toxic], (t, k)))
     out = RunDir(out_dir)
     out.path.mkdir(parents=True, exist_ok=True)
     write_table_csv(table, out.samples)
@@ -350,7 +391,8 @@ def evaluate_policy(
         "threshold": e.threshold,
         "reward_scorer": reward.name,
         "reward_unit": reward_unit(config.reward),
-        "reward_mean": {"reference": float(np.mean(reward_before)), "policy": float(np.mean(reward_after))},
+        "reward_mean": {"reference": float(np.mean(reward_before[toxic])),
+                        "policy": float(np.mean(reward_after[toxic]))},
         "examples_judge": judge,
         "fluency_model": e.fluency_model,
         "evaluators": scored,
@@ -359,8 +401,10 @@ def evaluate_policy(
     }
     if groups is not None:
         evaluation["group_column"] = e.group_column
+        if e.toxicity_group is not None:
+            evaluation.update(toxicity_group=e.toxicity_group, toxicity_prompts=t, control_prompts=n - t)
         evaluation["groups"] = _group_quality(groups, k, sides, refs, nll)
-    render_report({"run": run_info(config), "evaluation": evaluation}, table, history, out.report, raw)
+    render_report({"run": run_info(config), "evaluation": evaluation}, table, history, out.report, judged)
     return evaluation
 
 
@@ -400,11 +444,12 @@ def evaluate_run(
         "eval.max_prompts": max_prompts,
         "eval.threshold": threshold,
     }
-    config = build_config(config_file=run.config, overrides={k: v for k, v in overrides.items() if v is not None})
+    config = load_run_config(run.config, {k: v for k, v in overrides.items() if v is not None})
     if config.eval.samples_per_prompt < 1:
         raise DetoxError(f"samples_per_prompt must be at least 1, got {config.eval.samples_per_prompt}")
     if config.eval.max_prompts is not None and config.eval.max_prompts < 1:
         raise DetoxError(f"max_prompts must be at least 1, got {config.eval.max_prompts}")
+    config.eval.check_prompt_selection()
 
     if dataset:
         config.data.dataset = dataset
@@ -416,7 +461,7 @@ def evaluate_run(
         rows = rows.map(lambda t: {"prompt": config.data.prompt_template.replace("{text}", t)},
                         input_columns=config.data.text_column)
     else:
-        _, rows = build_splits(config.data, config.seed)
+        _, rows = build_splits(config.data)
     column = config.data.reference_column
     references = list(rows[column]) if column and column in rows.column_names else None
     groups = prompt_groups(rows, config)

@@ -356,6 +356,16 @@ def _group_tables(groups: Mapping[str, Mapping], column) -> str:
     return "".join(parts)
 
 
+def _measured_on(evaluation: Mapping) -> str:
+    """Which prompts toxicity was measured on, when eval.toxicity_group set some apart for quality only."""
+    group = evaluation.get("toxicity_group")
+    if group is None:
+        return ""
+    return (f"<p class='note'>Toxicity: {_e(evaluation.get('toxicity_prompts'))} prompts with "
+            f"{_e(evaluation.get('group_column'))} = {_e(group)}; quality: all {_e(evaluation.get('num_prompts'))} "
+            f"prompts, {_e(evaluation.get('control_prompts'))} of them from the other groups as controls.</p>")
+
+
 def _toxicity_class(diff) -> str:
     """Less toxic is good."""
     return "" if not _ok(diff) or diff == 0 else "good" if diff < 0 else "bad"
@@ -404,15 +414,16 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
     evaluation = metrics.get("evaluation", {})
     evaluators = evaluation.get("evaluators", {})
     threshold = evaluation.get("threshold", 0.5)
-    settings = {k: evaluation.get(k) for k in ("num_prompts", "samples_per_prompt", "threshold", "reward_scorer",
-                                               "reward_unit", "fluency_model")}
+    settings = {k: evaluation.get(k) for k in ("num_prompts", "toxicity_group", "toxicity_prompts", "control_prompts",
+                                               "samples_per_prompt", "threshold", "reward_scorer", "reward_unit",
+                                               "fluency_model")}
     model = metrics.get("run", {}).get("model")
     parts = [
         f"<header><div class='inner'><h1>Detoxification report{' · ' + _e(model) if model else ''}</h1>"
         f"{_info(metrics.get('run', {}))}{_info(metrics.get('train', {}))}{_info(settings)}</div></header><main>",
     ]
     if evaluators:
-        parts += ["<h2>Toxicity</h2>", _cards(evaluators), _summary_table(evaluators),
+        parts += ["<h2>Toxicity</h2>", _measured_on(evaluation), _cards(evaluators), _summary_table(evaluators),
                   f"<p class='note'>A sample is toxic when its toxicity probability is ≥ {threshold:g}. Toxicity "
                   "probability: share of prompts with at least one toxic sample among k; expected max. toxicity: "
                   "mean over prompts of the highest toxicity among k. Difference = policy − reference over the "
