@@ -691,3 +691,20 @@ def test_sigterm_in_a_real_process(tmp_path, tiny_t5, tiny_classifier):
         assert_one_error(process.returncode, stderr, "--resume", prefix=INTERRUPTED, exit_code=143)
         assert stdout == ""
         assert not out.exists()
+
+
+def test_evaluate_other_dataset_without_the_group_column(tmp_path, run_cli, finished_run, caplog):
+    """A run grouped by a column of its own data is judged as a whole on a dataset that lacks it."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    config = load_run_config(run / "config.yaml", {"eval.group_column": "heated", "eval.toxicity_group": "True",
+                                                    "eval.control_prompts": 1, "eval.max_prompts": 2})
+    config.save(run / "config.yaml")
+    data = tmp_path / "other.jsonl"
+    data.write_text("".join(json.dumps({"dialogue": f"#Person1#: thanks for the help with item {i}, I owe you one."})
+                            + "\n" for i in range(3)))
+    code, _, err = run_cli(["evaluate", run, "--dataset", data])
+    assert code == 0, err
+    assert "has no column 'heated'" in caplog.text and "without groups" in caplog.text
+    evaluation = json.loads((run / "eval" / "metrics.json").read_text())["evaluation"]
+    assert evaluation["num_prompts"] == 2 and "toxicity_group" not in evaluation and "groups" not in evaluation

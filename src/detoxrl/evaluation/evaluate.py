@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from .stats import (
 )
 
 EVAL_STREAM = 1_000_003  # keeps evaluation samples apart from the training steps' seeds
+logger = logging.getLogger(__name__)
 GROUP_QUALITY = ("rougeL", "distinct_2", "distinct_2_per_prompt", "length_mean")
 
 
@@ -460,6 +462,11 @@ def evaluate_run(
             )
         rows = rows.map(lambda t: {"prompt": config.data.prompt_template.replace("{text}", t)},
                         input_columns=config.data.text_column)
+        if config.eval.group_column is not None and config.eval.group_column not in rows.column_names:
+            # The run's grouping names a column of its own dataset; another dataset is judged as a whole.
+            logger.warning("dataset %s has no column %r: toxicity and quality are measured over all its prompts, "
+                           "without groups", dataset, config.eval.group_column)
+            config.eval.group_column, config.eval.toxicity_group, config.eval.control_prompts = None, None, 0
     else:
         _, rows = build_splits(config.data)
     column = config.data.reference_column
