@@ -124,18 +124,20 @@ def plot(args) -> None:
     points = [r for r in rows if "heated" in r]
     reference = [r for r in points if r["step"] == 0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in sorted({r["name"] for r in points} - {r["name"] for r in reference}):
+    names = sorted({r["name"] for r in points} - {r["name"] for r in reference})
+    colors = plt.cm.tab20(np.linspace(0, 1, max(len(names), 1)))
+    for name, color in zip(names, colors):
         mine = sorted((r for r in points if r["name"] == name), key=lambda r: r["step"])
         start = reference[0] if reference else None
         xs = ([0] if start else []) + [r["step"] * r["settings"].get("rl.batch_size", 16) for r in mine]
         for ax, key in zip(axes, ("judge_toxicity_probability", "rougeL")):
             ys = ([start["heated"][key]] if start else []) + [r["heated"][key] for r in mine]
-            ax.plot(xs, ys, marker="o", label=name)
+            ax.plot(xs, ys, marker="o", label=name, color=color)
     for ax, title in zip(axes, ("hatesonar toxicity probability (validation, k=4)", "ROUGE-L vs reference summary")):
-        ax.set_xlabel("training rollouts (16 per step)")
+        ax.set_xlabel("training rollouts")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, ncol=2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
