@@ -177,30 +177,35 @@ class PolicyModule(nn.Module):
         query_mask: torch.Tensor,
         response_ids: torch.Tensor,
     ) -> ForwardOutput:
-        recomputing = any(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
-                          for m in self.model.modules())
-        with self.checkpointing_in_eval_mode():
+        with self.checkpointing_in_eval_mode() as recomputing:
             return forward_response(self.model, query_ids, query_mask, response_ids, self.value_head,
                                     share_prompts=not recomputing)
 
     @contextlib.contextmanager
     def checkpointing_in_eval_mode(self):
-        """Let layers set to recompute their activations (model.gradient_checkpointing) do so in this pass.
+        """Let layers set to recompute their activations (model.gradient_checkpointing) do so in this pass;
+        yields whether any does.
 
         transformers recomputes a layer only while the layer is in training mode, and the RL passes run in
         eval mode so that dropout is off. Only those layers' own flag is set, and only for this pass: their
         dropouts stay off, and generation (which some transformers versions would run without its cache
         under the flag) is left alone.
         """
-        layers = [m for m in self.model.modules()
-                  if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m.training]
+        recomputing = [m for m in self.model.modules()
+                       if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        layers = [m for m in recomputing if not m.training]
         for layer in layers:
             layer.training = True
         try:
-            yield
+            yield bool(recomputing)
         finally:
             for layer in layers:
                 layer.training = False
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, so left padding does not shift them."""
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +231,7 @@ def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.
     if model.config.is_encoder_decoder:
         encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
         return {"encoder_outputs": BaseModelOutput(last_hidden_state=encoded.last_hidden_state[inverse])}
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    positions = position_ids(mask)
     out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                 use_cache=True, logits_to_keep=1)
     cache = out[CACHE_KEY]
@@ -264,7 +269,7 @@ def forward_response(
     elif share_prompts:
         # The last prompt token and all response tokens but the last, after the cached prompt.
         mask = torch.cat([query_mask, torch.ones_like(response_ids[:, 1:], dtype=query_mask.dtype)], dim=1)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -T:]
+        positions = position_ids(mask)[:, -T:]
         out = model(
             input_ids=torch.cat([query_ids[:, -1:], response_ids[:, :-1]], dim=1),
             attention_mask=mask,
@@ -278,7 +283,7 @@ def forward_response(
     else:
         input_ids = torch.cat([query_ids, response_ids], dim=1)
         mask = torch.cat([query_mask, torch.ones_like(response_ids, dtype=query_mask.dtype)], dim=1)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        positions = position_ids(mask)
         out = model(
             input_ids=input_ids,
             attention_mask=mask,
