@@ -24,6 +24,7 @@ from detoxrl.rewards import (
     label_index,
     log_odds,
     reward_from_logits,
+    reward_from_probability,
 )
 from tiny import save_tiny_classifier
 
@@ -110,6 +111,7 @@ def test_reward_from_logits_by_hand():
     p = [math.exp(2) / z[0], 1 / 3]
     close(reward_from_logits(logits, 0, "log_odds"), [math.log(q / (1 - q)) for q in p])
     close(reward_from_logits(logits, 2, "log_odds"), [-1 - math.log(math.exp(2) + 1), math.log(0.5)])
+    close(reward_from_logits(logits, 0, "log_prob"), [2 - math.log(z[0]), math.log(1 / 3)])
 
 
 def test_recipe_index0_bug_regression(clf_path):
@@ -165,6 +167,29 @@ def test_builtin_rewards_are_log_odds_of_nontoxic(builtin):
     p = np.clip(p, 1e-6, 1 - 1e-6)  # a certain classifier gives a large but finite reward
     np.testing.assert_allclose(builtin.rewards(texts), np.log(p / (1 - p)), rtol=1e-3, atol=1e-3)
     assert np.isfinite(builtin.rewards(texts)).all()
+
+
+@pytest.mark.parametrize("transform", ["log_prob", "prob", "logit"])
+def test_builtin_rewards_follow_the_transform(builtin, transform):
+    texts = [INSULT, NEUTRAL, "the price of the car is good"]
+    p = 1.0 - builtin.toxicity(texts).astype(np.float64)
+    builtin.transform = transform
+    try:
+        rewards = builtin.rewards(texts)
+    finally:
+        builtin.transform = "log_odds"
+    expected = {"log_prob": np.log(np.clip(p, 1e-6, 1)), "prob": p, "logit": log_odds(p)}[transform]
+    np.testing.assert_allclose(rewards, expected, rtol=1e-3, atol=1e-3)
+    if transform == "log_prob":  # clean text earns ~0 and no more; toxic text keeps its penalty
+        assert rewards[1] <= 0 and rewards[1] > -0.7 and rewards[0] < rewards[1] - 0.3
+
+
+def test_reward_from_probability_by_hand():
+    p = np.array([0.5, 0.9, 0.0])
+    np.testing.assert_allclose(reward_from_probability(p, "log_prob"), [math.log(0.5), math.log(0.9), math.log(1e-6)],
+                               rtol=1e-6)
+    np.testing.assert_allclose(reward_from_probability(p, "log_odds"), log_odds(p))
+    np.testing.assert_allclose(reward_from_probability(p, "prob"), p)
 
 
 def test_builtin_empty_batch(builtin):
@@ -310,6 +335,7 @@ def test_score_returns_tensor_and_joins_query_when_asked():
 def test_build_reward_picks_the_scorer(clf_path, user_module):
     assert type(build_reward(RewardConfig(scorer="hatesonar"))) is HateSonarScorer
     assert type(build_reward(RewardConfig(scorer="profanity-check"))) is ProfanityScorer
+    assert build_reward(RewardConfig(scorer="profanity-check", transform="log_prob")).transform == "log_prob"
 
     cal = build_reward(RewardConfig(scorer="callable", function=f"{user_module}:score"))
     assert type(cal) is CallableScorer

@@ -61,7 +61,8 @@ class RewardConfig:
     scorer: str = _f("classifier", "classifier | hatesonar | profanity-check | callable")
     model: str = _f("facebook/roberta-hate-speech-dynabench-r4-target", "Classifier hub id or path.")
     label: str = _f(NONTOXIC_LABEL, "Rewarded (non-toxic) class of the classifier, by label name.")
-    transform: str = _f("logit", "Classifier reward: logit (the recipe) | log_odds | prob.")
+    transform: str = _f("logit", "Reward from the non-toxic class: logit (the recipe; log-odds for the built-in "
+                                 "scorers) | log_odds | prob | log_prob (~0 for any clean text).")
     function: str | None = _f(None, "module:function returning one reward per text (scorer=callable).")
     score_query: bool = _f(False, "Score query + response together, as the recipe did.")
     fidelity_weight: float = _f(0.0, "Add this weight x ROUGE-L F1 against the prompt's reference response "
@@ -126,7 +127,7 @@ class RLConfig:
 ALGORITHMS = ("ppo", "rloo", "grpo")
 LOSS_NORMALIZATIONS = ("token", "sequence")
 SCORERS = ("classifier", "hatesonar", "profanity-check", "callable")
-TRANSFORMS = ("logit", "log_odds", "prob")
+TRANSFORMS = ("logit", "log_odds", "prob", "log_prob")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 CRITIC_SETTINGS = ("gamma", "lam", "cliprange_value", "vf_coef", "value_head_lr_scale")
 
@@ -265,7 +266,9 @@ class Config:
         if not self.model.name_or_path:
             raise DetoxError("model.name_or_path is required (a hub id, a local directory or a .gguf file)")
         if self.reward.transform not in TRANSFORMS:
-            raise DetoxError(f"reward.transform must be logit, log_odds or prob, got {self.reward.transform!r}")
+            raise DetoxError(
+                f"reward.transform must be logit, log_odds, prob or log_prob, got {self.reward.transform!r}"
+            )
         if self.reward.scorer not in SCORERS:
             raise DetoxError(
                 f"reward.scorer must be classifier, hatesonar, profanity-check or callable, got {self.reward.scorer!r}"

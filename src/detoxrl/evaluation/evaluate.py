@@ -222,12 +222,12 @@ def held_out_evaluator(spec: str, nontoxic_label: str, device: torch.device | st
 
 def reward_unit(reward: RewardConfig) -> str:
     """What one unit of the training reward is, for labels."""
-    if reward.scorer in BUILTIN:
-        return "log-odds of non-toxic"
     if reward.scorer == "callable":
         return f"as returned by {reward.function}"
-    return {"logit": f"logit of class {reward.label!r}", "log_odds": f"log-odds of class {reward.label!r}",
-            "prob": f"probability of class {reward.label!r}"}.get(reward.transform, reward.transform)
+    label = "non-toxic" if reward.scorer in BUILTIN else f"class {reward.label!r}"
+    transform = "log_odds" if reward.scorer in BUILTIN and reward.transform == "logit" else reward.transform
+    return {"logit": f"logit of {label}", "log_odds": f"log-odds of {label}", "prob": f"probability of {label}",
+            "log_prob": f"log-probability of {label}"}[transform]
 
 
 def prompt_groups(rows, config: Config) -> list | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import NONTOXIC_LABEL, RewardConfig
-from .base import Scorer, log_odds
+from .base import Scorer, log_odds, reward_from_probability
 from .builtin import HateSonarScorer, ProfanityScorer
 from .classifier import ClassifierScorer, label_index, reward_from_logits
 from .custom import CallableScorer
@@ -11,14 +11,14 @@ from .custom import CallableScorer
 BUILTIN = {"hatesonar": HateSonarScorer, "profanity-check": ProfanityScorer}
 
 __all__ = [
-    "Scorer", "log_odds", "HateSonarScorer", "ProfanityScorer", "ClassifierScorer", "CallableScorer",
+    "Scorer", "log_odds", "reward_from_probability", "HateSonarScorer", "ProfanityScorer", "ClassifierScorer", "CallableScorer",
     "label_index", "reward_from_logits", "build_reward", "build_evaluator",
 ]
 
 
 def build_reward(config: RewardConfig, device: str = "cpu", trust_remote_code: bool = False) -> Scorer:
     if config.scorer in BUILTIN:
-        return BUILTIN[config.scorer]()
+        return BUILTIN[config.scorer](config.transform)
     if config.scorer == "callable":
         return CallableScorer(config.function or "")
     return ClassifierScorer(

@@ -27,3 +27,14 @@ def log_odds(p_nontoxic: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """log(p / (1 - p)), clipped so a certain classifier gives a large but finite reward."""
     p = np.clip(np.asarray(p_nontoxic, dtype=np.float64), eps, 1 - eps)
     return np.log(p / (1 - p)).astype(np.float32)
+
+
+def reward_from_probability(p_nontoxic: np.ndarray, transform: str, eps: float = 1e-6) -> np.ndarray:
+    """The reward of a scorer that gives only P(non-toxic): its log-odds (also for ``logit``), ``prob``, or
+    ``log_prob`` = log P(non-toxic), which is ~0 for every clean text and so stops rewarding clean text for
+    getting still cleaner (what pushes summaries towards bland advice) while toxic text keeps its penalty."""
+    if transform == "prob":
+        return np.asarray(p_nontoxic, dtype=np.float32)
+    if transform == "log_prob":
+        return np.log(np.clip(np.asarray(p_nontoxic, dtype=np.float64), eps, 1.0)).astype(np.float32)
+    return log_odds(p_nontoxic, eps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Scorer, log_odds
+from .base import Scorer, reward_from_probability
 
 
 class HateSonarScorer(Scorer):
@@ -18,7 +18,7 @@ class HateSonarScorer(Scorer):
     name = "hatesonar"
     NEITHER = 2
 
-    def __init__(self) -> None:
+    def __init__(self, transform: str = "log_odds") -> None:
         import onnx
         import onnxruntime as ort
         from hatesonar.api import DEFAULT_MODEL_FILE
@@ -32,6 +32,7 @@ class HateSonarScorer(Scorer):
         self.session = ort.InferenceSession(
             graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
+        self.transform = transform
 
     def p_nontoxic(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -40,7 +41,7 @@ class HateSonarScorer(Scorer):
         return np.array([p[self.NEITHER] for p in probs], dtype=np.float32)
 
     def rewards(self, texts: list[str]) -> np.ndarray:
-        return log_odds(self.p_nontoxic(texts))
+        return reward_from_probability(self.p_nontoxic(texts), self.transform)
 
     def toxicity(self, texts: list[str]) -> np.ndarray:
         return 1.0 - self.p_nontoxic(texts)
@@ -51,10 +52,10 @@ class ProfanityScorer(Scorer):
 
     name = "profanity-check"
 
-    def __init__(self) -> None:
+    def __init__(self, transform: str = "log_odds") -> None:
         from profanity_check import predict_prob
 
-        self.predict_prob = predict_prob
+        self.predict_prob, self.transform = predict_prob, transform
 
     def toxicity(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -62,4 +63,4 @@ class ProfanityScorer(Scorer):
         return np.asarray(self.predict_prob(texts), dtype=np.float32)
 
     def rewards(self, texts: list[str]) -> np.ndarray:
-        return log_odds(1.0 - self.toxicity(texts))
+        return reward_from_probability(1.0 - self.toxicity(texts), self.transform)

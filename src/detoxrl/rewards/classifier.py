@@ -22,7 +22,7 @@ def label_index(id2label: dict[int, str], label: str, what: str = "reward classi
 
 
 def reward_from_logits(logits: torch.Tensor, index: int, transform: str) -> torch.Tensor:
-    """The rewarded class's raw logit (the recipe), its log-odds, or its probability.
+    """The rewarded class's raw logit (the recipe), its log-odds, its probability or its log-probability.
 
     The recipe took element 0 of a pipeline output sorted by score, i.e. the *winning* class,
     which rewards the hate logit whenever the text is hateful; here the class is fixed by name.
@@ -32,6 +32,8 @@ def reward_from_logits(logits: torch.Tensor, index: int, transform: str) -> torc
         return logits[:, index]
     if transform == "prob":
         return torch.softmax(logits, dim=-1)[:, index]
+    if transform == "log_prob":
+        return torch.log_softmax(logits, dim=-1)[:, index]
     others = torch.cat([logits[:, :index], logits[:, index + 1 :]], dim=-1)
     return logits[:, index] - torch.logsumexp(others, dim=-1)
 
