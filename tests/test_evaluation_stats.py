@@ -13,6 +13,7 @@ from detoxrl.evaluation.stats import (
     expected_max_toxicity,
     length_stats,
     mcnemar_exact,
+    mcnemar_power,
     paired_bootstrap_ci,
     paired_permutation_p_value,
     perplexity,
@@ -208,3 +209,20 @@ def test_qualitative_table_ranked_by_judge_mean(tmp_path):
         read = list(csv.DictReader(f))
     assert [r["query"] for r in read] == ["q2", "q1", "q3"]
     assert float(read[2]["difference"]) == pytest.approx(0.3) and float(read[1]["reward_before"]) == 2.0
+
+
+def test_mcnemar_power_by_hand():
+    # 6 prompts, half discordant for the reference, never for the policy: only 6 of 6 discordant
+    # prompts reach p < 0.05 (2 / 2**6 = 0.031; 5 of 5 gives 0.0625), so the power is 0.5**6.
+    assert mcnemar_power(6, 0.5, 0.0) == pytest.approx(0.5 ** 6)
+    # No effect: the one-sided rejections stay under alpha / 2.
+    assert mcnemar_power(89, 0.1, 0.1) < 0.025
+
+
+def test_mcnemar_power_matches_simulation_and_grows_with_prompts():
+    rng = np.random.default_rng(0)
+    counts = rng.multinomial(48, [0.23, 0.065, 0.705], size=4000)
+    simulated = np.mean([b > p and mcnemar_exact([1] * b + [0] * p, [0] * b + [1] * p)["p_value"] < 0.05
+                         for b, p, _ in counts])
+    assert mcnemar_power(48, 0.23, 0.065) == pytest.approx(simulated, abs=0.03)
+    assert mcnemar_power(89, 0.23, 0.065) > mcnemar_power(48, 0.23, 0.065) + 0.2

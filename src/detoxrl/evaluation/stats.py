@@ -97,6 +97,24 @@ def mcnemar_exact(reference_toxic, policy_toxic) -> dict:
     return {"reference_only": reference_only, "policy_only": policy_only, "p_value": p_value}
 
 
+def mcnemar_power(prompts: int, reference_only: float, policy_only: float, alpha: float = 0.05) -> float:
+    """Power of :func:`mcnemar_exact` to find the policy less toxic, exactly (no simulation).
+
+    ``reference_only`` / ``policy_only``: the shares of prompts toxic only for that model. The
+    discordant count d is Binomial(prompts, their sum); given d, the reference's share of them is
+    Binomial(d, reference_only / sum), and the test rejects where its two-sided p < ``alpha``. This
+    is how many evaluation prompts an expected effect needs (scripts/eval_power.py).
+    """
+    discordant = reference_only + policy_only
+    power = 0.0
+    for d in range(1, prompts + 1):
+        significant = [b for b in range(d // 2 + 1, d + 1) if stats.binomtest(b, d, 0.5).pvalue < alpha]
+        if significant:
+            power += stats.binom.pmf(d, prompts, discordant) * stats.binom.sf(significant[0] - 1, d,
+                                                                               reference_only / discordant)
+    return float(power)
+
+
 def _as_matrix(x) -> np.ndarray:
     """Scores as [n_prompts, k]; a flat array means one sample per prompt."""
     a = np.asarray(x, dtype=float)
