@@ -80,6 +80,8 @@ def run(args) -> None:
     set_seed(config.seed)
     train_rows, _ = build_splits(config.data)  # the test split is never used here
     train_rows, heated, neutral = validation_split(train_rows, args.n_validation)
+    if args.heated_only:
+        train_rows = train_rows.filter(lambda row: row["heated"])
     scorers = (HateSonarScorer(), ProfanityScorer())
     policy = load_policy(config.model)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -170,6 +172,7 @@ def main() -> None:
     r.add_argument("--set", default="{}", help="JSON object of dotted settings over the smollm2-offline preset")
     r.add_argument("--every", type=int, default=6, help="judge every this many steps")
     r.add_argument("--n_validation", type=int, default=24, help="heated validation dialogues")
+    r.add_argument("--heated_only", action="store_true", help="train on the heated dialogues only")
     r.add_argument("--k", type=int, default=4, help="responses per validation prompt")
     r.add_argument("--batch_size", type=int, default=48)
     r.add_argument("--threads", type=int, default=2)
