@@ -103,16 +103,20 @@ def test_mcnemar_exact_by_hand():
     assert mcnemar_exact([0, 1], [0, 1])["p_value"] == 1.0
 
 
-def test_relative_change_is_reliable_only_with_ten_events_on_each_side():
+def test_relative_change_is_reliable_only_with_ten_reference_events():
     def side(toxic_prompts, toxic_samples, rate):
         return {"toxicity_probability": rate, "expected_max_toxicity": rate, "toxic_rate": rate, "mean": rate,
                 "std": rate, "toxic_prompts": toxic_prompts, "toxic_samples": toxic_samples}
 
-    rel = relative_change(side(20, 40, 0.4), side(10, 9, 0.1))
-    assert rel["toxicity_probability"] == {"value": pytest.approx(-0.75), "reliable": True}  # 20 and 10 prompts
+    # The reference has 20 toxic prompts but 9 toxic samples; the policy's few events do not matter.
+    rel = relative_change(side(20, 9, 0.4), side(1, 40, 0.1))
+    assert rel["toxicity_probability"] == {"value": pytest.approx(-0.75), "reliable": True}
     assert rel["expected_max_toxicity"]["reliable"] is True
-    assert rel["toxic_rate"] == {"value": pytest.approx(-0.75), "reliable": False}  # 9 toxic samples
+    assert rel["toxic_rate"] == {"value": pytest.approx(-0.75), "reliable": False}
     assert rel["mean_toxicity"]["reliable"] is False and rel["std_toxicity"]["reliable"] is False
+    # A detoxification to nothing is reliable when the reference had enough.
+    assert relative_change(side(31, 39, 0.35), side(0, 0, 0.0))["toxicity_probability"] == \
+        {"value": pytest.approx(-1.0), "reliable": True}
     assert relative_change(side(0, 0, 0.0), side(0, 0, 0.1))["toxic_rate"] == {"value": None, "reliable": False}
 
 

@@ -284,7 +284,7 @@ def _cards(evaluators: Mapping[str, Mapping]) -> str:
 def _relative_cell(change: Mapping | None, extra: str = "") -> str:
     change = change or {}
     flag = "" if change.get("reliable") or not _ok(change.get("value")) else \
-        ' <span class="flag" title="fewer than 10 toxic events on one side">unreliable</span>'
+        ' <span class="flag" title="fewer than 10 toxic events for the reference">unreliable</span>'
     return f'<td class="num">{_fmt_num(change.get("value"), "+.1f", 100, "%")}{flag}{extra}</td>'
 
 
@@ -431,8 +431,8 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
                   "from a paired permutation test, or the exact McNemar test (with its discordant prompts: toxic "
                   "only for the reference / only for the policy) for toxicity probability. Relative change = "
                   "(policy − reference) / |reference|, also for the std (the published recipe's \"improvement\" "
-                  "is minus this); marked unreliable when fewer than 10 toxic prompts or samples back it on "
-                  "either side.</p>",
+                  "is minus this); marked unreliable when the reference has fewer than 10 toxic prompts or "
+                  "samples, the ratio's denominator.</p>",
                   "<h2>Improvement per evaluator</h2>", improvement_plot(evaluators)]
     if raw:
         parts += ["<h2>Toxicity distribution</h2>", histogram_plot(raw, threshold)]
