@@ -108,10 +108,10 @@ def mcnemar_power(prompts: int, reference_only: float, policy_only: float, alpha
     discordant = reference_only + policy_only
     power = 0.0
     for d in range(1, prompts + 1):
-        significant = [b for b in range(d // 2 + 1, d + 1) if stats.binomtest(b, d, 0.5).pvalue < alpha]
-        if significant:
-            power += stats.binom.pmf(d, prompts, discordant) * stats.binom.sf(significant[0] - 1, d,
-                                                                               reference_only / discordant)
+        # the fewest reference-only prompts of d that the test finds significant (None: d is too few)
+        least = next((b for b in range(d // 2 + 1, d + 1) if stats.binomtest(b, d, 0.5).pvalue < alpha), None)
+        if least is not None:
+            power += stats.binom.pmf(d, prompts, discordant) * stats.binom.sf(least - 1, d, reference_only / discordant)
     return float(power)
 
 
