@@ -12,7 +12,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from detoxrl.config import RewardConfig
 from detoxrl.errors import DetoxError
-from detoxrl.rl.rollout import score
 from detoxrl.rewards import (
     CallableScorer,
     ClassifierScorer,
@@ -26,6 +25,8 @@ from detoxrl.rewards import (
     reward_from_logits,
     reward_from_probability,
 )
+from detoxrl.rewards.novelty import bigram_novelty
+from detoxrl.rl.rollout import score
 from tiny import save_tiny_classifier
 
 # Words from the tiny tokenizer's vocabulary, of different lengths so batches are padded.
@@ -327,6 +328,36 @@ def test_score_returns_tensor_and_joins_query_when_asked():
     assert scorer.seen == ["r1", "r2"]
     score(scorer, ["q1", "q2"], ["r1", "r2"], score_query=True)
     assert scorer.seen == ["q1 r1", "q2 r2"]
+
+
+def test_score_adds_weighted_novelty():
+    out, parts = score(FixedScorer([0.5, -1.0]), ["q1", "q2"], ["r1", "r2"], score_query=False,
+                       novelty=np.array([0.25, 1.0]), novelty_weight=2.0)
+    assert out.tolist() == [0.5 + 2 * 0.25, -1.0 + 2 * 1.0]
+    assert parts["env/novelty_mean"] == pytest.approx(0.625)
+    with pytest.raises(DetoxError, match="novelty_weight needs the bigram novelty of every response"):
+        score(FixedScorer([0.5, -1.0]), ["q1", "q2"], ["r1", "r2"], score_query=False, novelty_weight=2.0)
+
+
+# ---------------------------------------------------------------- novelty
+
+
+def test_bigram_novelty_by_hand():
+    responses = ["Thanks a lot", "thanks, a bunch of cars", "a bunch", "", "hello"]
+    prompts = ["p", "q", "q", "r", "s"]
+    # "thanks a lot": "thanks a" is used by prompt q's responses, "a lot" by no other prompt -> 1/2.
+    # Prompt q's own two responses share "a bunch": not counted against them. "thanks a" is p's too -> 3/4.
+    # No bigram (empty, one word) -> 0.
+    assert bigram_novelty(responses, prompts).tolist() == [0.5, 0.75, 1.0, 0.0, 0.0]
+
+
+def test_bigram_novelty_of_one_stock_phrasing_is_low():
+    stock = "In this conversation, they highlighted the importance of {}."
+    own = ["the kitchen cabinets came two months late", "white trainers broke the dress code"]
+    assert bigram_novelty([stock.format("cabinets"), stock.format("trainers")], ["a", "b"]).max() < 0.2
+    assert bigram_novelty(own, ["a", "b"]).min() == 1.0
+    with pytest.raises(ValueError, match="2 responses but 1 prompts"):
+        bigram_novelty(own, ["a"])
 
 
 # ---------------------------------------------------------------- factories

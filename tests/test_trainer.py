@@ -87,8 +87,10 @@ def test_step_takes_external_responses_and_rewards(tiny_t5, tmp_path):
         ({"rl.algorithm": "rloo", "rl.samples_per_prompt": 2, "rl.vf_coef": 0.5},
          "rl.vf_coef configures the value head, which rl.algorithm rloo does not have"),
         ({"rl.loss_normalization": "per-word"}, "rl.loss_normalization must be token or sequence"),
+        ({"reward.novelty_weight": -1.0}, "reward.novelty_weight must be 0 or more, got -1.0"),
     ],
-    ids=["unknown-algorithm", "k-below-2", "batch-not-divisible-by-k", "value-head-setting", "normalization"],
+    ids=["unknown-algorithm", "k-below-2", "batch-not-divisible-by-k", "value-head-setting", "normalization",
+         "negative-novelty-weight"],
 )
 def test_bad_algorithm_settings_are_one_line_errors(settings, message, tiny_t5, tmp_path, run_cli):
     config = write_yaml(tmp_path / "config.yaml", tiny_run_settings(tiny_t5, tmp_path / "run", **settings))
@@ -104,9 +106,10 @@ def test_two_process_rloo_matches_one_process_and_its_schedule(tiny_t5, tmp_path
         tiny_t5, tmp_path / "unused", **{"threads": None, "generation.max_new_tokens": 5, "data.max_prompt_tokens": 32,
                                          "rl": {"algorithm": "rloo", "samples_per_prompt": 2, "steps": 3,
                                                 "batch_size": 8, "mini_batch_size": 8, "learning_rate": 0.01,
-                                                "lr_scheduler": "linear"}})
+                                                "lr_scheduler": "linear"},
+                                         "reward.novelty_weight": 1.0})
     config = write_yaml(tmp_path / "config.yaml", settings)
-    histories = {}
+    histories = {}  # the novelty term compares responses across processes: it must score as on one process
     for name, processes in (("one", 1), ("two", 2)):
         launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
                     if processes > 1 else [sys.executable])
@@ -119,7 +122,17 @@ def test_two_process_rloo_matches_one_process_and_its_schedule(tiny_t5, tmp_path
         assert two["learning_rate"] == pytest.approx(one["learning_rate"], rel=1e-9)
         assert two["env/reward_mean"] == pytest.approx(one["env/reward_mean"], abs=1e-6)
         assert two["objective/kl"] == pytest.approx(one["objective/kl"], abs=1e-4)
+        assert two["env/novelty_mean"] == pytest.approx(one["env/novelty_mean"], abs=1e-6)
     assert histories["one"][-1]["learning_rate"] == 0.0
+
+
+def test_novelty_weight_adds_bigram_novelty_across_prompts(tiny_t5, tmp_path):
+    trainer = make_trainer(tiny_t5, tmp_path, **{"reward.novelty_weight": 2.0, "rl.batch_size": 2,
+                                                 "rl.mini_batch_size": 2})
+    stats = trainer.step(["school talk", "the meeting is good"], ["thanks a lot", "thanks a bunch of cars"])
+    # ThanksShare: 1/3 and 1/5; "thanks a" is shared by the two prompts: novelty 1/2 and 3/4.
+    assert stats["env/novelty_mean"] == pytest.approx(0.625)
+    assert stats["env/reward_mean"] == pytest.approx((1 / 3 + 1 / 5) / 2 + 2.0 * 0.625)
 
 
 def test_fidelity_weight_adds_rouge_l_against_the_reference(tiny_t5, tmp_path):

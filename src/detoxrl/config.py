@@ -67,6 +67,8 @@ class RewardConfig:
     score_query: bool = _f(False, "Score query + response together, as the recipe did.")
     fidelity_weight: float = _f(0.0, "Add this weight x ROUGE-L F1 against the prompt's reference response "
                                      "(data.reference_column) to the reward; 0 turns it off.")
+    novelty_weight: float = _f(0.0, "Add this weight x the share of the response's word bigrams that no response "
+                                    "to another prompt of the batch uses (against one stock phrasing); 0 turns it off.")
     batch_size: int = _f(32, "Texts per scoring batch.")
 
 
@@ -275,6 +277,8 @@ class Config:
             )
         if not self.reward.fidelity_weight >= 0:
             raise DetoxError(f"reward.fidelity_weight must be 0 or more, got {self.reward.fidelity_weight}")
+        if not self.reward.novelty_weight >= 0:
+            raise DetoxError(f"reward.novelty_weight must be 0 or more, got {self.reward.novelty_weight}")
         if self.reward.fidelity_weight and not self.data.reference_column:
             raise DetoxError("reward.fidelity_weight needs data.reference_column (the reference responses)")
         if not 0 < self.data.test_size < 1:

@@ -211,9 +211,11 @@ def reference_logprobs(
 def score(
     scorer: Scorer, queries: list[str], responses: list[str], score_query: bool,
     references: list[str] | None = None, fidelity_weight: float = 0.0,
+    novelty: np.ndarray | None = None, novelty_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Rewards for the responses (optionally scored together with their query, as the recipe did),
-    plus ``fidelity_weight`` x ROUGE-L against each prompt's reference; and the parts' means."""
+    plus ``fidelity_weight`` x ROUGE-L against each prompt's reference and ``novelty_weight`` x each
+    response's bigram novelty in the batch (detoxrl.rewards.novelty); and the parts' means."""
     texts = [f"{q} {r}" for q, r in zip(queries, responses)] if score_query else responses
     values = np.asarray(scorer.rewards(texts), dtype=np.float32)
     parts = {"env/scorer_reward_mean": float(values.mean())}
@@ -223,6 +225,11 @@ def score(
         fidelity = rouge_l(responses, references)
         parts["env/fidelity_mean"] = float(fidelity.mean())
         values = values + fidelity_weight * fidelity
+    if novelty_weight:
+        if novelty is None or len(novelty) != len(responses):
+            raise DetoxError("reward.novelty_weight needs the bigram novelty of every response")
+        parts["env/novelty_mean"] = float(np.mean(novelty))
+        values = values + novelty_weight * np.asarray(novelty, dtype=np.float32)
     bad = ~np.isfinite(values)
     if bad.any():
         raise DetoxError(

@@ -18,13 +18,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from transformers import get_scheduler
 
 from ..config import Config
 from ..errors import DetoxError
 from ..policy import Policy
 from ..rewards import Scorer
+from ..rewards.novelty import bigram_novelty
 from ..rundir import RunDir
 from . import checkpoint
 from .core import AdaptiveKLController, FixedKLController, entropy_from_logits, logprobs_from_logits, masked_mean
@@ -168,6 +169,14 @@ class RLTrainer:
         rank = self.accelerator.process_index
         return [i for i in indices[rank * local : (rank + 1) * local] for _ in range(k)]
 
+    def batch_novelty(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """Bigram novelty of this process's responses within the global batch (all processes' responses,
+        gathered in rank order, so that 2 processes score as 1 does)."""
+        everyone = gather_object(list(zip(prompts, responses)))
+        first = self.accelerator.process_index * len(prompts)
+        novelty = bigram_novelty([r for _, r in everyone], [p for p, _ in everyone])
+        return novelty[first : first + len(prompts)]
+
     # ----------------------------------------------------------------------------- one step
     def rollout(
         self, prompts: list[str], responses: list[str] | None, rewards: Any, references: list[str] | None
@@ -188,8 +197,9 @@ class RLTrainer:
 
         tick = time.perf_counter()
         if rewards is None:
+            novelty = self.batch_novelty(prompts, batch.responses) if cfg.reward.novelty_weight else None
             batch.scores, parts = score(self.scorer, prompts, batch.responses, cfg.reward.score_query, references,
-                                        cfg.reward.fidelity_weight)
+                                        cfg.reward.fidelity_weight, novelty, cfg.reward.novelty_weight)
             stats.update({k: float(masked_mean(torch.tensor(v), reduce=self.reduce)) for k, v in parts.items()})
         else:
             batch.scores = torch.as_tensor(np.asarray([float(r) for r in rewards], dtype=np.float32))
