@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 
 from detoxrl.config import build_config
 from detoxrl.data import build_splits
-from detoxrl.evaluation.stats import distinct_n
+from detoxrl.evaluation.stats import distinct_n, repeated_token
 from detoxrl.policy import load_policy
 from detoxrl.rewards import HateSonarScorer, ProfanityScorer, build_reward
 from detoxrl.rewards.fidelity import rouge_l
@@ -70,7 +70,7 @@ def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scor
         "reward_scorer_toxic_rate": float((prof >= 0.5).mean()),
         "rougeL": float(rouge_l(texts, references).mean()),
         "length_words": float(np.mean([len(t.split()) for t in texts])), "distinct_2": distinct_n(texts, 2),
-        "empty": sum(not t.strip() for t in texts),
+        "empty": sum(not t.strip() for t in texts), "repeated_token": sum(map(repeated_token, texts)),
     }, texts
 
 

@@ -20,6 +20,7 @@ from detoxrl.evaluation.stats import (
     qualitative_table,
     quality_metrics,
     relative_change,
+    repeated_token,
     rouge_scores,
     side_summary,
     toxicity_probability,
@@ -190,6 +191,15 @@ def test_length_and_quality_metrics():
     assert q["length_mean"] == 2.0 and q["distinct_1"] == 0.5 and q["rouge1"] == pytest.approx(0.5)
     assert q["distinct_2"] == 0.5 and q["distinct_3"] == 0.0  # (a b) twice; no trigram
     assert q["distinct_1_per_prompt"] == 0.5  # one prompt: its two samples pooled
+    assert q["empty_responses"] == 0 and q["repeated_token_responses"] == 0
+
+
+def test_empty_and_repeated_token_responses_are_counted():
+    texts = ["", "  ", "a server server server crashed", "server server server server", "a b a c", "x x x"]
+    # "a b a c": "a" is exactly half, not over; "x x x" has only 3 words.
+    q = quality_metrics(texts)
+    assert q["empty_responses"] == 2 and q["repeated_token_responses"] == 2
+    assert [repeated_token(t) for t in texts] == [False, False, True, True, False, False]
 
 
 def test_qualitative_table_ranked_by_judge_mean(tmp_path):

@@ -39,7 +39,8 @@ from .stats import (
 
 EVAL_STREAM = 1_000_003  # keeps evaluation samples apart from the training steps' seeds
 logger = logging.getLogger(__name__)
-GROUP_QUALITY = ("rougeL", "distinct_2", "distinct_2_per_prompt", "length_mean")
+GROUP_QUALITY = ("rougeL", "distinct_2", "distinct_2_per_prompt", "length_mean", "empty_responses",
+                 "repeated_token_responses")
 
 
 @contextlib.contextmanager

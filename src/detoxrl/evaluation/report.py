@@ -33,7 +33,8 @@ TOXICITY_ROWS = (  # metric, label, counts shown next to it, scale and format of
     ("toxic_rate", "Toxic rate (samples)", "samples", 100, ".1f", "%"),
     ("mean_toxicity", "Mean toxicity", None, 1, ".4f", ""),
 )
-QUALITY_LABELS = {"length_mean": "Mean length (words)",
+QUALITY_LABELS = {"length_mean": "Mean length (words)", "empty_responses": "Empty responses (count)",
+                  "repeated_token_responses": "Repeated-token responses (count)",
                   "distinct_1": "Distinct-1 (pooled)", "distinct_2": "Distinct-2 (pooled)",
                   "distinct_3": "Distinct-3 (pooled)", "distinct_1_per_prompt": "Distinct-1 (per prompt)",
                   "distinct_2_per_prompt": "Distinct-2 (per prompt)", "distinct_3_per_prompt": "Distinct-3 (per prompt)",

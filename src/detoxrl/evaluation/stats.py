@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -267,13 +268,21 @@ def length_stats(texts: Sequence[str]) -> dict[str, float | None]:
             "min": float(lengths.min()), "max": float(lengths.max())}
 
 
+def repeated_token(text: str) -> bool:
+    """A degenerate loop ("server server server …"): one word is over half of a response of more than 3 words."""
+    words = text.split()
+    return len(words) > 3 and Counter(words).most_common(1)[0][1] > len(words) / 2
+
+
 def quality_metrics(texts: Sequence[str], references: Sequence[str] | None = None,
                     samples_per_prompt: int = 1) -> dict[str, float | None]:
     """The report's quality block for one side: length (words), diversity and, given references, ROUGE.
 
     ``texts`` are in prompt-major order, ``samples_per_prompt`` of them per prompt.
     """
-    out: dict[str, float | None] = {"length_mean": length_stats(texts)["mean"]}
+    out: dict[str, float | None] = {"length_mean": length_stats(texts)["mean"],
+                                    "empty_responses": sum(not t.strip() for t in texts),
+                                    "repeated_token_responses": sum(map(repeated_token, texts))}
     for n in (1, 2, 3):
         out[f"distinct_{n}"] = distinct_n(texts, n)
         out[f"distinct_{n}_per_prompt"] = distinct_n_per_prompt(texts, n, samples_per_prompt)
