@@ -130,12 +130,13 @@ def plot(args) -> None:
     colors = plt.cm.tab20(np.linspace(0, 1, max(len(names), 1)))
     for name, color in zip(names, colors):
         mine = sorted((r for r in points if r["name"] == name), key=lambda r: r["step"])
-        start = reference[0] if reference else None
+        # the untrained model judged on the same validation prompts (--n_validation) starts the curve
+        start = next((r for r in reference if r["heated"]["prompts"] == mine[0]["heated"]["prompts"]), None)
         xs = ([0] if start else []) + [r["step"] * r["settings"].get("rl.batch_size", 16) for r in mine]
         for ax, key in zip(axes, ("judge_toxicity_probability", "rougeL")):
             ys = ([start["heated"][key]] if start else []) + [r["heated"][key] for r in mine]
             ax.plot(xs, ys, marker="o", label=name, color=color)
-    for ax, title in zip(axes, ("hatesonar toxicity probability (validation, k=4)", "ROUGE-L vs reference summary")):
+    for ax, title in zip(axes, ("hatesonar toxicity probability (validation)", "ROUGE-L vs reference summary")):
         ax.set_xlabel("training rollouts")
         ax.set_title(title)
         ax.grid(alpha=0.3)
