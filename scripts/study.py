@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 
 from detoxrl.config import build_config
 from detoxrl.data import build_splits
-from detoxrl.evaluation.stats import distinct_n, repeated_token
+from detoxrl.evaluation.stats import quality_metrics
 from detoxrl.policy import load_policy
 from detoxrl.rewards import HateSonarScorer, ProfanityScorer, build_reward
 from detoxrl.rewards.fidelity import rouge_l
@@ -62,6 +62,7 @@ def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scor
         texts += rollout.responses
     tox = hatesonar.toxicity(texts).reshape(len(rows), k)
     prof = profanity.toxicity(texts).reshape(len(rows), k)
+    quality = quality_metrics(texts, samples_per_prompt=k)
     return {
         "judge_toxicity_probability": float((tox >= 0.5).any(axis=1).mean()),
         "judge_toxic_prompts": int((tox >= 0.5).any(axis=1).sum()), "prompts": len(rows),
@@ -69,8 +70,8 @@ def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scor
         "judge_toxic_rate": float((tox >= 0.5).mean()), "judge_mean": float(tox.mean()),
         "reward_scorer_toxic_rate": float((prof >= 0.5).mean()),
         "rougeL": float(rouge_l(texts, references).mean()),
-        "length_words": float(np.mean([len(t.split()) for t in texts])), "distinct_2": distinct_n(texts, 2),
-        "empty": sum(not t.strip() for t in texts), "repeated_token": sum(map(repeated_token, texts)),
+        "length_words": quality["length_mean"], "distinct_2": quality["distinct_2"],
+        "empty": quality["empty_responses"], "repeated_token": quality["repeated_token_responses"],
     }, texts
 
 
