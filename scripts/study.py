@@ -11,6 +11,7 @@ alone are in docs/results.md).
     python scripts/study.py run --name reference --reference_only
     python scripts/study.py plot --out docs/img
     python scripts/study.py table
+    python scripts/study.py paired reference:0 rloo:16
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from accelerate.utils import set_seed
 
 from detoxrl.config import build_config
 from detoxrl.data import build_splits
-from detoxrl.evaluation.stats import quality_metrics
+from detoxrl.evaluation.stats import mcnemar_exact, quality_metrics
 from detoxrl.policy import load_policy
 from detoxrl.rewards import HateSonarScorer, ProfanityScorer, build_reward
 from detoxrl.rewards.fidelity import rouge_l
@@ -72,6 +73,8 @@ def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scor
         "rougeL": float(rouge_l(texts, references).mean()),
         "length_words": quality["length_mean"], "distinct_2": quality["distinct_2"],
         "empty": quality["empty_responses"], "repeated_token": quality["repeated_token_responses"],
+        # per prompt, for a paired test between runs judged on the same prompts and sampling seeds (`paired`)
+        "prompt_max_toxicity": [round(float(x), 4) for x in tox.max(axis=1)],
     }, texts
 
 
@@ -166,6 +169,17 @@ def table(args) -> None:
               f"| {h['rougeL']:.3f} / {n['rougeL']:.3f} | {h['distinct_2']:.3f} | {h['length_words']:.1f} |")
 
 
+def paired(args) -> None:
+    """Exact McNemar test between two validation points (``name:step``) on the same prompts and seeds."""
+    rows = [json.loads(line) for f in sorted(RESULTS.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    points = {f"{r['name']}:{r['step']}": r["heated"] for r in rows if "heated" in r}
+    a, b = (points[key]["prompt_max_toxicity"] for key in (args.a, args.b))
+    result = mcnemar_exact(np.asarray(a) >= 0.5, np.asarray(b) >= 0.5)
+    print(f"{args.a}: {sum(x >= 0.5 for x in a)}/{len(a)} toxic prompts, {args.b}: {sum(x >= 0.5 for x in b)}/{len(b)}; "
+          f"only {args.a}: {result['reference_only']}, only {args.b}: {result['policy_only']}, "
+          f"exact McNemar p = {result['p_value']:.3g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,8 +196,11 @@ def main() -> None:
     p = sub.add_parser("plot")
     p.add_argument("--out", default="docs/img")
     sub.add_parser("table")
+    c = sub.add_parser("paired")
+    c.add_argument("a", help="name:step of a run's validation point, e.g. val90_reference:0")
+    c.add_argument("b")
     args = parser.parse_args()
-    {"run": run, "plot": plot, "table": table}[args.command](args)
+    {"run": run, "plot": plot, "table": table, "paired": paired}[args.command](args)
 
 
 if __name__ == "__main__":
