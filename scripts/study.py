@@ -129,13 +129,16 @@ def plot(args) -> None:
     rows = [json.loads(line) for f in sorted(RESULTS.glob("*.jsonl")) for line in f.read_text().splitlines()]
     points = [r for r in rows if "heated" in r]
     reference = [r for r in points if r["step"] == 0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6))
     names = sorted({r["name"] for r in points} - {r["name"] for r in reference})
     colors = plt.cm.tab20(np.linspace(0, 1, max(len(names), 1)))
     for name, color in zip(names, colors):
         mine = sorted((r for r in points if r["name"] == name), key=lambda r: r["step"])
-        # the untrained model judged on the same validation prompts (--n_validation) starts the curve
-        start = next((r for r in reference if r["heated"]["prompts"] == mine[0]["heated"]["prompts"]), None)
+        # the untrained model judged on the same validation prompts (--n_validation) starts the curve,
+        # preferably the one with the same seed and dtype (they set the sampling)
+        candidates = [r for r in reference if r["heated"]["prompts"] == mine[0]["heated"]["prompts"]]
+        start = max(candidates, default=None, key=lambda r: sum(
+            r["settings"].get(k) == mine[0]["settings"].get(k) for k in ("seed", "model.dtype")))
         xs = ([0] if start else []) + [r["step"] * r["settings"].get("rl.batch_size", 16) for r in mine]
         for ax, key in zip(axes, ("judge_toxicity_probability", "rougeL")):
             ys = ([start["heated"][key]] if start else []) + [r["heated"][key] for r in mine]
@@ -144,10 +147,11 @@ def plot(args) -> None:
         ax.set_xlabel("training rollouts")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7)  # below the axes: it hid the curves
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.3, 1, 1))
     fig.savefig(out / "study.png", dpi=110)
     print(f"wrote {out / 'study.png'}")
 
