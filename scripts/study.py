@@ -120,13 +120,18 @@ def run(args) -> None:
             point(trainer.step_count, elapsed)
 
 
+def saved_rows() -> list[dict]:
+    """Every row that ``run`` logged, over all runs."""
+    return [json.loads(line) for f in sorted(RESULTS.glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
 def plot(args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for f in sorted(RESULTS.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    rows = saved_rows()
     points = [r for r in rows if "heated" in r]
     reference = [r for r in points if r["step"] == 0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 6))
@@ -158,7 +163,7 @@ def plot(args) -> None:
 
 def table(args) -> None:
     """The last validation point of every run, as a Markdown table."""
-    rows = [json.loads(line) for f in sorted(RESULTS.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    rows = saved_rows()
     last = {}
     for row in rows:
         if "heated" in row and row["step"] >= last.get(row["name"], {}).get("step", -1):
@@ -175,11 +180,11 @@ def table(args) -> None:
 
 def paired(args) -> None:
     """Exact McNemar test between two validation points (``name:step``) on the same prompts and seeds."""
-    rows = [json.loads(line) for f in sorted(RESULTS.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    rows = saved_rows()
     points = {f"{r['name']}:{r['step']}": r["heated"] for r in rows if "heated" in r}
-    a, b = (points[key]["prompt_max_toxicity"] for key in (args.a, args.b))
-    result = mcnemar_exact(np.asarray(a) >= 0.5, np.asarray(b) >= 0.5)
-    print(f"{args.a}: {sum(x >= 0.5 for x in a)}/{len(a)} toxic prompts, {args.b}: {sum(x >= 0.5 for x in b)}/{len(b)}; "
+    a, b = (np.asarray(points[key]["prompt_max_toxicity"]) >= 0.5 for key in (args.a, args.b))
+    result = mcnemar_exact(a, b)
+    print(f"{args.a}: {a.sum()}/{len(a)} toxic prompts, {args.b}: {b.sum()}/{len(b)}; "
           f"only {args.a}: {result['reference_only']}, only {args.b}: {result['policy_only']}, "
           f"exact McNemar p = {result['p_value']:.3g}")
 
