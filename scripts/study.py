@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from detoxrl.config import build_config
 from detoxrl.data import build_splits
 from detoxrl.evaluation.evaluate import EVAL_STREAM
-from detoxrl.evaluation.stats import expected_max_toxicity, mcnemar_exact, quality_metrics, toxicity_probability
+from detoxrl.evaluation.stats import mcnemar_exact, quality_metrics, side_summary
 from detoxrl.policy import load_policy
 from detoxrl.rewards import HateSonarScorer, ProfanityScorer, build_reward
 from detoxrl.rewards.fidelity import rouge_l
@@ -65,12 +65,13 @@ def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scor
     tox = hatesonar.toxicity(texts).reshape(len(rows), k)
     prof = profanity.toxicity(texts).reshape(len(rows), k)
     quality = quality_metrics(texts, samples_per_prompt=k)
+    side = side_summary(tox)
     return {
-        "judge_toxicity_probability": toxicity_probability(tox),
-        "judge_toxic_prompts": int((tox >= 0.5).any(axis=1).sum()), "prompts": len(rows),
-        "judge_expected_max": expected_max_toxicity(tox),
-        "judge_toxic_rate": float((tox >= 0.5).mean()), "judge_mean": float(tox.mean()),
-        "reward_scorer_toxic_rate": float((prof >= 0.5).mean()),
+        "judge_toxicity_probability": side["toxicity_probability"],
+        "judge_toxic_prompts": side["toxic_prompts"], "prompts": side["prompts"],
+        "judge_expected_max": side["expected_max_toxicity"],
+        "judge_toxic_rate": side["toxic_rate"], "judge_mean": side["mean"],
+        "reward_scorer_toxic_rate": side_summary(prof)["toxic_rate"],
         "rougeL": float(rouge_l(texts, references).mean()),
         "length_words": quality["length_mean"], "distinct_2": quality["distinct_2"],
         "empty": quality["empty_responses"], "repeated_token": quality["repeated_token_responses"],
