@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from detoxrl.config import build_config
 from detoxrl.data import build_splits
 from detoxrl.evaluation.evaluate import EVAL_STREAM
-from detoxrl.evaluation.stats import mcnemar_exact, quality_metrics, side_summary
+from detoxrl.evaluation.stats import mcnemar_exact, per_prompt_statistics, quality_metrics, side_summary
 from detoxrl.policy import load_policy
 from detoxrl.rewards import HateSonarScorer, ProfanityScorer, build_reward
 from detoxrl.rewards.fidelity import rouge_l
@@ -76,7 +76,7 @@ def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scor
         "length_words": quality["length_mean"], "distinct_2": quality["distinct_2"],
         "empty": quality["empty_responses"], "repeated_token": quality["repeated_token_responses"],
         # per prompt, for a paired test between runs judged on the same prompts and sampling seeds (`paired`)
-        "prompt_max_toxicity": [round(float(x), 4) for x in tox.max(axis=1)],
+        "prompt_max_toxicity": [round(float(x), 4) for x in per_prompt_statistics(tox)["expected_max_toxicity"]],
     }, texts
 
 
@@ -184,7 +184,9 @@ def paired(args) -> None:
     """Exact McNemar test between two validation points (``name:step``) on the same prompts and seeds."""
     rows = saved_rows()
     points = {f"{r['name']}:{r['step']}": r["heated"] for r in rows if "heated" in r}
-    a, b = (np.asarray(points[key]["prompt_max_toxicity"]) >= 0.5 for key in (args.a, args.b))
+    # a prompt is toxic when its highest-scored response is: the evaluation's per-prompt outcome, same threshold
+    a, b = (per_prompt_statistics(points[key]["prompt_max_toxicity"])["toxicity_probability"].astype(bool)
+            for key in (args.a, args.b))
     result = mcnemar_exact(a, b)
     print(f"{args.a}: {a.sum()}/{len(a)} toxic prompts, {args.b}: {b.sum()}/{len(b)}; "
           f"only {args.a}: {result['reference_only']}, only {args.b}: {result['policy_only']}, "

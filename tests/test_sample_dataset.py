@@ -5,9 +5,11 @@ import re
 
 import pytest
 
+from detoxrl.config import DataConfig
 from detoxrl.data import sample_dataset_path
 
 ROWS = [json.loads(line) for line in sample_dataset_path().read_text(encoding="utf-8").splitlines()]
+FILTER = DataConfig()  # the training length filter the preset keeps
 TURN = re.compile(r"^#Person[123]#: \S")
 
 
@@ -23,7 +25,7 @@ def test_dialogues_are_dialogsum_turns_inside_the_training_length_filter():
         turns = row["dialogue"].split("\n")
         assert 6 <= len(turns) <= 9, row["id"]
         assert all(TURN.match(turn) for turn in turns), row["id"]
-        assert 200 < len(row["dialogue"]) <= 1000, row["id"]
+        assert FILTER.min_chars < len(row["dialogue"]) <= FILTER.max_chars, row["id"]
         assert "#Person1#" in row["summary"] or "#Person2#" in row["summary"], row["id"]
 
 
