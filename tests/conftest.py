@@ -35,3 +35,13 @@ def run_cli(capsys):
         return exit_info.value.code, captured.out, captured.err
 
     return run
+
+
+def pytest_report_header(config) -> str:
+    """Which bf16 bounds the precision tests hold this machine to (tests/test_precision.py)."""
+    import torch
+
+    from detoxrl.precision import this_cpu_has_fast_bf16
+
+    kind = "with bf16 instructions" if this_cpu_has_fast_bf16() else "bf16 emulated"
+    return f"cpu: torch {torch.backends.cpu.get_cpu_capability()} kernels, {kind}"

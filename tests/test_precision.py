@@ -4,6 +4,10 @@ checkpointing refused under sharded weights, and gradient checkpointing.
 The tests run on CUDA where it is available, else on the CPU.
 """
 
+import logging
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -14,17 +18,31 @@ from tiny import ThanksShare, tiny_run_config
 
 from detoxrl.errors import DetoxError
 from detoxrl.policy import forward_response, load_policy
-from detoxrl.precision import choose_dtype, cpu_has_fast_bf16
+from detoxrl.precision import (
+    EMULATED_BF16_WARNING,
+    choose_dtype,
+    cpu_has_fast_bf16,
+    this_cpu_has_fast_bf16,
+)
 from detoxrl.rl.core import logprobs_from_logits, sampling_logits
 from detoxrl.rl.rollout import generate, sample_seeds
 from detoxrl.rl.trainer import RLTrainer, build_accelerator, check_sharded_checkpointing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPTS = ["the person1 said thanks about work", "the meeting is good", "a car and a home", "school talk"]
-# Largest |log pi| difference of a sampled token between generation (KV cache, one token at a time) and
-# the teacher-forced pass, both with bf16 base weights. Measured on the tiny models: 5e-7 on CPU (the same
-# kernels run in both passes); other kernels, e.g. on a GPU, may round differently, hence the margin.
-BF16_LOGPROB_TOLERANCE = 0.03
+# Where the bf16 matrix products run: a GPU, a CPU with bf16 instructions, or a CPU where torch emulates
+# them (AVX2 only, or the instruction sets restricted: scripts/test-avx2.sh). The passes that sample and
+# re-score a response agree exactly as far as the kernels they run do, so each kind has its own bound.
+BF16_KIND = "cuda" if DEVICE == "cuda" else "native" if this_cpu_has_fast_bf16() else "emulated"
+# Largest |log pi| difference of a sampled token between generation (KV cache, one token at a time) and the
+# teacher-forced pass, bf16 base weights, tiny models. Measured (10 sampling seeds x 4 prompts per model):
+# native 4.8e-7 (both passes run the same kernels), emulated 7.9e-3; cuda: 0.019 at the benchmark's 135M
+# layout on an H100 (docs/performance.md), and these tests passed there at 0.03.
+BF16_LOGPROB_TOLERANCE = {"native": 1e-5, "emulated": 0.02, "cuda": 0.03}[BF16_KIND]
+# objective/kl of the first update at lr 1e-12: the sampled log-probs against the reference's re-scored ones.
+# Measured over 10 seeds per model and algorithm: native [-4.0e-7, 1.1e-7], emulated [-2.6e-3, 4.6e-3]
+# (an AVX2-only EPYC gave -1.4e-3 and 2.4e-3); cuda passed [-1e-6, 1e-3) on an H100.
+BF16_FIRST_KL_RANGE = {"native": (-1e-6, 1e-3), "emulated": (-1e-2, 1e-2), "cuda": (-1e-6, 1e-3)}[BF16_KIND]
 
 
 def config_for(model, tmp_path, **dotted):
@@ -52,6 +70,29 @@ def test_auto_picks_bf16_only_where_it_is_fast():
         assert choose_dtype(setting, on_gpu=False, gpu_has_bf16=False, cpu_has_bf16=False) == dtype
     with pytest.raises(DetoxError, match="model.dtype must be one of auto, float32, bfloat16, float16, got 'bf16'"):
         choose_dtype("bf16", on_gpu=False, gpu_has_bf16=False, cpu_has_bf16=False)
+
+
+def test_explicit_bf16_warns_only_where_the_cpu_emulates_it(caplog):
+    with caplog.at_level(logging.WARNING, logger="detoxrl.precision"):
+        assert choose_dtype("bfloat16", on_gpu=False, gpu_has_bf16=False, cpu_has_bf16=False) == torch.bfloat16
+    assert [r.getMessage() for r in caplog.records] == [EMULATED_BF16_WARNING]
+    assert "use float32 or auto" in EMULATED_BF16_WARNING
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detoxrl.precision"):
+        choose_dtype("bfloat16", on_gpu=False, gpu_has_bf16=False, cpu_has_bf16=True)
+        choose_dtype("bfloat16", on_gpu=True, gpu_has_bf16=True, cpu_has_bf16=False)
+        choose_dtype("auto", on_gpu=False, gpu_has_bf16=False, cpu_has_bf16=False)
+    assert caplog.records == []
+
+
+def test_restricted_instruction_sets_take_effect_and_auto_follows_them():
+    """The restriction scripts/test-avx2.sh applies: torch runs its AVX2 kernels, oneDNN has no bf16, and
+    ``auto`` picks float32 on any CPU, as it does on an AVX2-only one."""
+    code = ("import torch; from detoxrl.precision import resolve_dtype, torch_may_use_avx512_bf16; "
+            "print(torch.backends.cpu.get_cpu_capability(), torch_may_use_avx512_bf16(), resolve_dtype('auto', 'cpu'))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["AVX2", "False", "torch.float32"]
 
 
 def test_validate_refuses_unknown_dtype(tiny_t5, tmp_path):
@@ -101,8 +142,9 @@ def test_bf16_first_update_keeps_ratio_near_one(model, algorithm, request, tmp_p
     stats = trainer.step(trainer.batch_prompts(0))
     assert stats["policy/clipfrac"] == 0
     assert 0 <= stats["policy/approxkl"] < 1e-4
-    # The reference is the same base with the adapter off, and LoRA starts at zero: KL ~ 0, never negative.
-    assert -1e-6 <= stats["objective/kl"] < 1e-3
+    # The reference is the same base with the adapter off, and LoRA starts at zero: KL ~ 0, off only by rounding.
+    low, high = BF16_FIRST_KL_RANGE
+    assert low <= stats["objective/kl"] < high
 
 
 def test_mixed_precision_unset_follows_the_launcher(tiny_t5, tmp_path, monkeypatch):
