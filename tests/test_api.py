@@ -22,7 +22,7 @@ def test_import_is_light_and_names_the_version():
 def test_public_names_are_the_functions_even_after_their_modules_load():
     import detoxrl.sft  # noqa: F401  (records the module on the package: the name must stay the function)
     import detoxrl.train  # noqa: F401
-    from detoxrl.evaluation.evaluate import evaluate_run
+    from detoxrl.evaluation.command import evaluate_run
     from detoxrl.sft import sft
     from detoxrl.train import train
 

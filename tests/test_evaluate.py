@@ -10,7 +10,7 @@ import torch
 
 from detoxrl.config import ModelConfig, build_config
 from detoxrl.errors import DetoxError
-from detoxrl.evaluation import evaluate
+from detoxrl.evaluation import command, evaluate
 from detoxrl.evaluation.evaluate import (
     evaluate_policy,
     held_out_evaluator,
@@ -27,6 +27,7 @@ from detoxrl.evaluation.evaluate import (
 )
 from detoxrl.policy import load_policy
 from detoxrl.rewards.base import Scorer
+from detoxrl.rl import trainer
 from detoxrl.rl.trainer import build_accelerator
 from detoxrl.rundir import RunDir
 from tiny import tiny_run_config
@@ -178,16 +179,15 @@ def test_evaluate_run_puts_every_model_on_the_accelerators_device(tiny_t5, tiny_
 
     seen = {}
 
-    def record(config, policy, prompts, references, reward, out_dir, history, evaluators, groups):
+    def record(config, policy, prompts, references, reward, out_dir, history, evaluators, groups, dataset):
         seen.update(policy=policy, reward=reward, evaluators=evaluators, out_dir=out_dir)
-        out_dir.mkdir()  # as evaluate_policy does when it writes the report
         seen["evaluation"] = {"num_prompts": len(prompts)}
         return seen["evaluation"]
 
     monkeypatch.setattr(evaluate, "evaluate_policy", record)
     # "meta" stands for an accelerator here: a module left behind would still be on the CPU
-    monkeypatch.setattr(evaluate, "build_accelerator", lambda config: SimpleNamespace(device=torch.device("meta")))
-    out = evaluate.evaluate_run(run.path)
+    monkeypatch.setattr(trainer, "build_accelerator", lambda config: SimpleNamespace(device=torch.device("meta")))
+    out = command.evaluate_run(run.path)
 
     modules = [seen["policy"].module, seen["policy"].reference, seen["reward"].model,
                *(scorer.model for scorer in seen["evaluators"].values())]
@@ -248,7 +248,7 @@ def test_evaluate_run_with_a_toxicity_group(tiny_t5, tiny_classifier, tmp_path):
     run.path.mkdir()
     config.save(run.config)
     load_policy(config.model).save_pretrained(run.adapter)
-    out = evaluate.evaluate_run(run.path)
+    out = command.evaluate_run(run.path)
     evaluation = json.loads(RunDir(out).metrics.read_text())["evaluation"]
     assert (evaluation["num_prompts"], evaluation["toxicity_prompts"], evaluation["control_prompts"]) == (5, 2, 3)
     assert evaluation["evaluators"][str(tiny_classifier)]["reference"]["prompts"] == 2

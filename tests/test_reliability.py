@@ -568,13 +568,82 @@ def test_evaluate_evaluator_cannot_be_loaded(tmp_path, run_cli, monkeypatch, fin
 def test_compare_without_metrics(tmp_path, run_cli, finished_run, content):
     other = tmp_path / "unfinished"
     other.mkdir()
+    shutil.copy(finished_run / "config.yaml", other / "config.yaml")
     if content is not None:
         (other / "metrics.json").write_text(content)
     code, out, err = run_cli(["compare", finished_run, other])
-    message = f"no metrics.json in {other}: run `detoxrl evaluate`" if content is None else (
-        f"cannot read {other / 'metrics.json'}: Expecting property name")
+    message = f"no metrics.json in {other}: the run did not finish; finish it with detoxrl train" if content is None \
+        else f"cannot read {other / 'metrics.json'}: Expecting property name"
     assert_one_error(code, err, message)
     assert out == ""
+
+
+def test_compare_refuses_what_is_not_a_run(tmp_path, run_cli, finished_run):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, out, err = run_cli(["compare", finished_run, tmp_path])
+    assert_one_error(code, err, f"{tmp_path} is not a detoxrl run directory")
+    assert out == ""
+
+
+def evaluate_tiny(run_cli, run: Path, classifier: Path, *flags) -> Path:
+    code, _, err = run_cli(["evaluate", run, "--evaluators", classifier, "--max_prompts", "2",
+                            "--samples_per_prompt", "1", *flags])
+    assert code == 0, err
+    return run
+
+
+def test_evaluate_refuses_to_replace_an_evaluation(tmp_path, run_cli, finished_run, tiny_classifier):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    evaluate_tiny(run_cli, run, tiny_classifier)
+    before = tree(run / "eval")
+    code, _, err = run_cli(["evaluate", run, "--evaluators", tiny_classifier, "--max_prompts", "3"])
+    assert_one_error(code, err, f"{run / 'eval'} already holds an evaluation; pass --output_dir DIR to keep both, "
+                                "or --overwrite to replace it")
+    assert tree(run / "eval") == before
+    evaluate_tiny(run_cli, run, tiny_classifier, "--max_prompts", "3", "--output_dir", tmp_path / "three")
+    evaluate_tiny(run_cli, run, tiny_classifier, "--max_prompts", "3", "--overwrite")
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["evaluation"]["protocol"]["prompts"] == 3 == metrics["evaluation"]["num_prompts"]
+    assert metrics["run"]["output_dir"] == str(run.resolve())  # where the run is, not where it was trained
+
+
+def test_compare_refuses_different_protocols(tmp_path, run_cli, finished_run, tiny_classifier):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        shutil.copytree(finished_run, run)
+    evaluate_tiny(run_cli, a, tiny_classifier)
+    evaluate_tiny(run_cli, b, tiny_classifier)
+    code, out, err = run_cli(["compare", a, b])
+    assert code == 0 and "toxicity" in out, err
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"dialogue": f"#Person1#: you fool {i}. #Person2#: calm down."}) + "\n"
+                            for i in range(2)))
+    evaluate_tiny(run_cli, b, tiny_classifier, "--dataset", data, "--overwrite")
+    code, out, err = run_cli(["compare", a, b])
+    assert_one_error(code, err, "the two evaluations differ in dataset (detoxrl:heated_dialogsum (test split",
+                     f"vs {data.resolve()})", "evaluate both runs the same way")
+    assert out == ""
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no-column"])
+def test_evaluate_checks_its_dataset_before_loading_models(tmp_path, run_cli, finished_run, monkeypatch, case):
+    import detoxrl.evaluation.evaluate as evaluate
+    import detoxrl.policy
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the dataset was checked")
+
+    monkeypatch.setattr(detoxrl.policy, "load_policy", never)
+    monkeypatch.setattr(evaluate, "held_out_evaluator", never)
+    data = tmp_path / "mine.csv"
+    if case != "missing":
+        data.write_text("" if case == "empty" else "text\nhello\n")
+    message = {"missing": f"dataset file not found: {data}", "empty": f"dataset file {data} is empty",
+               "no-column": f"dataset {data} has no column 'dialogue'"}[case]
+    code, _, err = run_cli(["evaluate", finished_run, "--dataset", data, "--output_dir", tmp_path / "eval"])
+    assert_one_error(code, err, message)
+    assert not (tmp_path / "eval").exists()
 
 
 # ----------------------------------------------------------------------------------------------- faults
@@ -643,6 +712,36 @@ def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch, at_ste
     assert code == 0, err
     assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()] == [1, 2]
     assert (out / "metrics.json").is_file()
+
+
+def test_interrupted_evaluation_resumes_without_retraining(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch):
+    """Ctrl-C during the end-of-training evaluation keeps the adapter; --resume then runs only the evaluation."""
+    import detoxrl.evaluation.evaluate as evaluate
+    from detoxrl.rl.trainer import RLTrainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", interrupted)
+    out = tmp_path / "run"
+    path = write_yaml(tmp_path / "config.yaml", settings(tmp_path, tiny_t5, tiny_classifier, **{
+        "rl.steps": 2, "eval.enabled": True, "eval.evaluators": [str(tiny_classifier)], "eval.max_prompts": 2}))
+    code, _, err = run_cli(["train", "--config", path])
+    assert_one_error(code, err, "--resume", prefix=INTERRUPTED, exit_code=130)
+    assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "metrics.json").exists()
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    monkeypatch.undo()
+
+    def no_training(self, *args, **kwargs):
+        raise AssertionError("a resumed run whose training had finished trained again")
+
+    monkeypatch.setattr(RLTrainer, "step", no_training)
+    code, stdout, err = run_cli(["train", "--output_dir", out, "--resume"])
+    assert code == 0, err
+    assert "adapter, metrics and report" in stdout and (out / "report.html").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["run"]["steps"] == 2 and metrics["train"]["step"] == 2 and "evaluation" in metrics
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
 
 
 def train_process(config: Path, cwd: Path, **popen) -> subprocess.Popen:

@@ -72,7 +72,8 @@ def test_sft_learns_the_targets_and_writes_a_finished_run(sft_run, run_cli):
 
     code, out, err = run_cli(["generate", run, "person1 said", "the price of the car", "--greedy"])
     assert code == 0, err
-    responses = out.split("\n\n")
+    assert out.startswith("==> 1 <==\n") and "\n==> 2 <==\n" in out  # several responses each under a header
+    responses = [block.split("\n", 1)[1] for block in out.split("==> ")[1:]]
     assert len(responses) == 2 and all(r.startswith(TARGET) for r in responses), responses
 
 

@@ -28,7 +28,7 @@ _EXPORTS = {
     "DetoxError": ("detoxrl.errors", "DetoxError"),
     "train": ("detoxrl.train", "train"),
     "sft": ("detoxrl.sft", "sft"),
-    "evaluate": ("detoxrl.evaluation.evaluate", "evaluate_run"),
+    "evaluate": ("detoxrl.evaluation.command", "evaluate_run"),
     "RLTrainer": ("detoxrl.rl.trainer", "RLTrainer"),
     "Scorer": ("detoxrl.rewards", "Scorer"),
     "build_reward": ("detoxrl.rewards", "build_reward"),
@@ -53,7 +53,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(__all__)
 
 
 class _Package(types.ModuleType):

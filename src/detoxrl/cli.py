@@ -18,7 +18,6 @@ import sys
 import types
 import typing
 import warnings
-from pathlib import Path
 
 from .config import (
     ALGORITHMS, LOSS_NORMALIZATIONS, MIXED_PRECISIONS, MODEL_DTYPES, PRESETS, SCORERS, TRANSFORMS, Config,
@@ -49,6 +48,11 @@ LAYERS = (
     "given), then --config FILE, then flags. Example: --preset smollm2-offline --config small.yaml {example}."
 )
 
+# evaluate takes the evaluation's and the sampling's settings; every other section is the run's own.
+EVALUATE_SKIP = ("model", "reward", "data", "rl", "sft", "run")
+EVALUATE_ALIASES = {"samples_per_prompt": "eval.samples_per_prompt", "evaluators": "eval.evaluators",
+                    "max_prompts": "eval.max_prompts", "threshold": "eval.threshold"}
+
 SETTINGS_USAGE = "detoxrl {command} [--preset NAME] [--config FILE] [--print_config] [--SECTION.SETTING VALUE ...]"
 
 
@@ -78,8 +82,13 @@ def show(value: typing.Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def add_config_flags(parser: argparse.ArgumentParser, aliases: dict[str, str], skip: tuple[str, ...]) -> None:
-    """One flag per setting, except the ``skip`` sections that the command does not use."""
+def add_config_flags(parser: argparse.ArgumentParser, aliases: dict[str, str], skip: tuple[str, ...],
+                     run_defaults: bool = False) -> None:
+    """One flag per setting, except the ``skip`` sections that the command does not use.
+
+    ``run_defaults``: the command starts from a saved run's settings, so the help says so instead of
+    showing the built-in default and the preset's.
+    """
     defaults, offline = Config(), build_config(DEFAULT_PRESET)
     value = lambda config, name: functools.reduce(getattr, name.split("."), config)  # noqa: E731
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -98,7 +107,9 @@ def add_config_flags(parser: argparse.ArgumentParser, aliases: dict[str, str], s
             options = {"metavar": type_name(annotation).upper()}
         default, preset = value(defaults, name), value(offline, name)
         details = f"{type_name(annotation)}; default: {show(default)}"
-        if preset != default:
+        if run_defaults:
+            details = f"{type_name(annotation)}; default: the run's"
+        elif preset != default:
             details += f", {DEFAULT_PRESET}: {show(preset)}"
         if name in CHOICES:
             details += f"; choices: {', '.join(CHOICES[name])}"
@@ -134,9 +145,20 @@ def add_layer_flags(parser: argparse.ArgumentParser, aliases: dict[str, str], sk
     add_config_flags(parser, aliases, skip)
 
 
+class SubParsers(argparse._SubParsersAction):
+    """Subcommands that, like the main parser, take only whole flag names (``--rl.step`` is not ``--rl.steps``)."""
+
+    def add_parser(self, name, **kwargs):
+        return super().add_parser(name, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="detoxrl", description="Detoxify language models with reinforcement learning on a LoRA adapter.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = Parser(prog="detoxrl", allow_abbrev=False,
+                    description="Detoxify language models with reinforcement learning on a LoRA adapter.")
+    parser.add_argument("--version", action="version", version=f"detoxrl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, action=SubParsers)
 
     train = sub.add_parser("train", help="train a LoRA adapter with RL, then evaluate it",
                            epilog=LAYERS.format(example="--rl.steps 2"),
@@ -153,19 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_layer_flags(sft, SFT_ALIASES, skip=("rl", "reward"))
 
-    evaluate = sub.add_parser("evaluate", help="compare a trained run with its reference model")
+    evaluate = sub.add_parser(
+        "evaluate", help="compare a trained run with its reference model",
+        usage="detoxrl evaluate RUN_DIR [--dataset FILE] [--output_dir DIR] [--overwrite] [--eval.SETTING VALUE ...]",
+        description="Sample the run's policy and its reference model on the run's test split (or --dataset) with the "
+        "same seeds, judge both, and write metrics.json, report.html, samples.csv and responses.jsonl to "
+        "RUN_DIR/eval (or --output_dir). Settings default to the run's own; flags change them for this evaluation.",
+    )
     evaluate.add_argument("run_dir", help="directory of a detoxrl run (holds config.yaml and adapter/)")
-    evaluate.add_argument("--dataset", default=None, help="evaluate on all rows of this file instead of the test split")
-    evaluate.add_argument("--samples_per_prompt", type=int, default=None, help="responses per prompt and model")
-    evaluate.add_argument("--evaluators", nargs="+", default=None, metavar="SCORER",
-                          help="held-out scorers (spaces or commas): hatesonar, profanity-check, a classifier id/path")
-    evaluate.add_argument("--max_prompts", type=int, default=None, help="evaluate at most this many prompts")
-    evaluate.add_argument("--threshold", type=float, default=None, help="toxicity above which a text is toxic")
-    evaluate.add_argument("--output_dir", default=None, help="where to write the report (default: RUN_DIR/eval)")
+    evaluate.add_argument("--dataset", default=None, metavar="FILE",
+                          help="evaluate on all rows of this file (.csv, .json, .jsonl, .parquet) instead of the run's "
+                          "test split [default: the test split]")
+    evaluate.add_argument("--output_dir", default=None, metavar="DIR", help="where to write [default: RUN_DIR/eval]")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace an evaluation already in the output directory (otherwise it is refused)")
+    add_config_flags(evaluate, EVALUATE_ALIASES, skip=EVALUATE_SKIP, run_defaults=True)
 
-    compare = sub.add_parser("compare", help="print two runs' metrics side by side")
-    compare.add_argument("run_a")
-    compare.add_argument("run_b")
+    compare = sub.add_parser(
+        "compare", help="print two runs' metrics side by side",
+        description="Training and evaluation metrics of two runs side by side, with the change from A to B. Each "
+        "run's evaluation is the newer of RUN/metrics.json (end of training) and RUN/eval/metrics.json (detoxrl "
+        "evaluate); two evaluations of different data or protocols are refused.",
+    )
+    compare.add_argument("run_a", help="run A: a detoxrl run directory, or a directory detoxrl evaluate wrote")
+    compare.add_argument("run_b", help="run B, the same kinds as run A")
 
     generate = sub.add_parser(
         "generate", help="responses of a finished run to new prompts",
@@ -246,24 +279,19 @@ def run(argv: list[str] | None = None) -> int:
 
         out = train(layered_config(args), resume=args.resume)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"done: adapter, metrics and report are in {out}")
+            written = "adapter, metrics and report" if RunDir(out).report.is_file() else \
+                "adapter and metrics (no evaluation: eval.enabled is false)"
+            print(f"done: {written} are in {out}")
     elif args.command == "sft":
         from .sft import sft
 
         out = sft(layered_config(args))
         print(f"done: adapter and metrics are in {out}; continue with: detoxrl train --model.adapter {out / 'adapter'}")
     elif args.command == "evaluate":
-        from .evaluation.evaluate import evaluate_run
+        from .evaluation.command import evaluate_run
 
-        out = evaluate_run(
-            args.run_dir,
-            dataset=args.dataset,
-            samples_per_prompt=args.samples_per_prompt,
-            evaluators=split_list(args.evaluators) if args.evaluators else None,
-            max_prompts=args.max_prompts,
-            threshold=args.threshold,
-            output_dir=args.output_dir,
-        )
+        out = evaluate_run(args.run_dir, dataset=args.dataset, output_dir=args.output_dir, overwrite=args.overwrite,
+                           overrides=collect_overrides(args))
         print(f"report: {RunDir(out).report}")
     elif args.command == "compare":
         from rich.console import Console

@@ -313,8 +313,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
+        """Write the settings as YAML (atomically), creating the folder if needed."""
         from .rundir import atomic_write_text
 
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 

@@ -156,15 +156,18 @@ def generate_responses(policy: Policy, config: Config, prompts: list[str], use_g
 
 
 def format_rows(rows: list[dict[str, str]], as_jsonl: bool) -> str:
+    """One JSON object per line, or plain text; several prompts' responses each under a ``==> N <==`` line,
+    since a response can hold blank lines itself."""
     if as_jsonl:
         return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     blocks = []
-    for row in rows:
+    for number, row in enumerate(rows, 1):
         if "reference_response" in row:
-            blocks.append(f"adapter: {row['response']}\nreference: {row['reference_response']}")
+            block = f"adapter: {row['response']}\nreference: {row['reference_response']}"
         else:
-            blocks.append(row["response"])
-    return "\n\n".join(blocks) + "\n"
+            block = row["response"]
+        blocks.append(f"==> {number} <==\n{block}" if len(rows) > 1 else block)
+    return "\n".join(blocks) + "\n"
 
 
 def generate_run(run_dir: str | Path, texts: list[str], file: str | None = None, stdin: Iterable[str] | None = None,

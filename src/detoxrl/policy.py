@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .config import ModelConfig
 from .errors import DetoxError
 from .hub import load_pretrained
 from .precision import resolve_dtype
+from .rundir import apply_umask
 
 PACKAGE_PREFIX = "pkg://"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -77,6 +79,7 @@ def convert_gguf(location: str, gguf_file: str, cache_dir: str | None) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        apply_umask(staging)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -409,6 +412,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     enable({"use_reentrant": False})
 
 
+@contextlib.contextmanager
+def without_peft_deprecation_warning():
+    """peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` when it wraps a model: a
+    FutureWarning about library internals that a user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_policy(config: ModelConfig, adapter: str | Path | None = None, device: str | None = None) -> Policy:
     """Base model + a fresh LoRA (or an existing adapter, made trainable).
 
@@ -440,7 +452,8 @@ def load_policy(config: ModelConfig, adapter: str | Path | None = None, device: 
             target_modules="all-linear" if config.target_modules == ["all-linear"] else config.target_modules,
         )
         try:
-            model = get_peft_model(base, lora)
+            with without_peft_deprecation_warning():
+                model = get_peft_model(base, lora)
         except ValueError as exc:
             raise DetoxError(f"cannot add LoRA to this model: {exc}; set model.target_modules") from exc
     value_head = None
@@ -458,7 +471,8 @@ def load_policy(config: ModelConfig, adapter: str | Path | None = None, device: 
 
 def _load_adapter(base: nn.Module, adapter: str) -> PeftModel:
     try:
-        return PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        with without_peft_deprecation_warning():
+            return PeftModel.from_pretrained(base, adapter, is_trainable=True)
     except (OSError, ValueError) as exc:
         raise DetoxError(f"could not load the adapter {adapter}: {str(exc).splitlines()[0]}") from exc
 

@@ -13,7 +13,9 @@ Layout of ``detoxrl train --output_dir RUN``::
     metrics.json       written last: a run without it did not finish
 
 Every file is written to a temporary name in the same directory and renamed into place, so a crash,
-a kill or a full disk leaves the old file or the new one, never a truncated one.
+a kill or a full disk leaves the old file or the new one, never a truncated one. What is written gets the
+mode the user's umask gives a new file (0644 and 0755 under umask 0022), though temporary files (and
+safetensors' own writer) start private.
 """
 
 from __future__ import annotations
@@ -89,12 +91,30 @@ class RunDir:
 # ----------------------------------------------------------------------------------------------- atomic writes
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give ``path`` (and everything under a directory) the mode a plain ``open`` or ``mkdir`` would have:
+    0o666 or 0o777 less the umask."""
+    path, mask = Path(path), current_umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to a temporary file next to ``path``, then rename it over ``path``."""
     path = Path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -147,6 +167,7 @@ def atomic_write_dir(target: str | Path, write: Callable[[Path], None], what: st
     shutil.rmtree(staging, ignore_errors=True)
     try:
         write(staging)
+        apply_umask(staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     except OSError as exc:

@@ -21,7 +21,9 @@ from .policy import load_policy
 from .rl import checkpoint
 from .rl.trainer import RLTrainer, build_accelerator
 from .rewards import build_reward
-from .rundir import RunDir, atomic_write_dir, atomic_write_json, prepare_output_dir, remove_partial_run, write_history
+from .rundir import (
+    RunDir, atomic_write_dir, atomic_write_json, prepare_output_dir, read_history, remove_partial_run, write_history,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +76,17 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     train_rows, test_rows = build_splits(config.data)
     test_prompts, test_groups = list(test_rows["prompt"]), evaluation_groups(test_rows, config)
     reward = build_reward(config.reward, str(accelerator.device), config.model.trust_remote_code)
-    policy = load_policy(config.model, device=config.device)
+    trained = resume and training_finished(run, config)
+    policy = load_policy(config.model, adapter=run.adapter if trained else None, device=config.device)
     check_generation_fits(config, policy.model.config)
     trainer = RLTrainer(config, policy, reward, list(train_rows["prompt"]), accelerator,
                         references=references(train_rows, config))
 
-    if resume:
+    if trained:
+        # Interrupted after the adapter was saved (during the evaluation): only what is missing runs again.
+        trainer.history, trainer.step_count = read_history(run.history), config.rl.steps
+        logger.info("training had finished (%s); finishing the evaluation", run.adapter)
+    elif resume:
         found = checkpoint.latest(run.checkpoints)
         if found is None:
             logger.warning("no checkpoint in %s; starting from step 0", run.checkpoints)
@@ -114,9 +121,10 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
         trainer.train(on_step)
     finally:
         bar.close()  # also on errors, so that an error message starts on its own line
-    train_seconds = time.time() - started
+    # A run resumed only for its evaluation trained before: its training time is the steps' own.
+    train_seconds = sum(h.get("time/total", 0) for h in trainer.history) if trained else time.time() - started
 
-    if main:
+    if main and not trained:
         save_adapter(policy, run.adapter)
     accelerator.wait_for_everyone()
 
@@ -147,6 +155,14 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # flushes trackers; also ends the process group, so it comes last
     return out
+
+
+def training_finished(run: RunDir, config: Config) -> bool:
+    """Whether an unfinished run got as far as its saved adapter: the adapter is written only after the last
+    step, and the history holds every step."""
+    history = read_history(run.history)
+    return (run.adapter / "adapter_config.json").is_file() and bool(history) and \
+        history[-1].get("step") == config.rl.steps
 
 
 def evaluation_groups(test_rows, config: Config) -> list | None:

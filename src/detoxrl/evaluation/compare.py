@@ -58,9 +58,14 @@ def load_metrics(run_dir: str | Path) -> tuple[dict, Path | None]:
     ``RUN/metrics.json`` and ``RUN/eval/metrics.json`` was written last and holds one.
     """
     run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise DetoxError(f"{run_dir} is not a directory")
     found = {path: read_metrics(path) for path in (run.metrics, RunDir(run.eval).metrics) if path.is_file()}
+    if not found and not run.config.is_file():
+        raise DetoxError(f"{run_dir} is not a detoxrl run directory (neither config.yaml nor metrics.json is there)")
     if not found:
-        raise DetoxError(f"no metrics.json in {run_dir}: run `detoxrl evaluate` on it first")
+        raise DetoxError(f"no metrics.json in {run_dir}: the run did not finish; finish it with detoxrl train "
+                         "--output_dir RUN --resume, or evaluate it with detoxrl evaluate")
     evaluated = [path for path, metrics in found.items() if "evaluation" in metrics]
     # the later file wins; on equal times, evaluate's (it can only run after training)
     source = max(evaluated, key=lambda p: (p.stat().st_mtime_ns, p != run.metrics), default=None)
@@ -131,10 +136,25 @@ def _cell(x: float | None, signed: bool = False, counts: str | None = None) -> s
     return f"{text} ({counts})" if counts else text
 
 
+def check_same_protocol(metrics_a: dict, metrics_b: dict) -> None:
+    """Refuse two evaluations whose data or protocol differ: their figures are not comparable.
+
+    An evaluation written before protocols were recorded has none, and is compared as it is.
+    """
+    a, b = (m.get("evaluation", {}).get("protocol") for m in (metrics_a, metrics_b))
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return
+    differ = [f"{key} ({a.get(key)} vs {b.get(key)})" for key in dict.fromkeys([*a, *b]) if a.get(key) != b.get(key)]
+    if differ:
+        raise DetoxError(f"the two evaluations differ in {'; '.join(differ)}: evaluate both runs the same way "
+                         "(detoxrl evaluate RUN --output_dir DIR ...) and compare those")
+
+
 def compare_runs(run_a: str | Path, run_b: str | Path) -> Group:
     """A rich table of two runs' main metrics side by side, with the difference B − A, and the files the
     evaluations were read from."""
     (metrics_a, source_a), (metrics_b, source_b) = load_metrics(run_a), load_metrics(run_b)
+    check_same_protocol(metrics_a, metrics_b)
     rows = compare_rows(metrics_a, metrics_b)
     name_a, name_b = escape(Path(run_a).name), escape(Path(run_b).name)
     table = Table(title=f"{name_a} vs {name_b}")

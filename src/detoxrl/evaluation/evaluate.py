@@ -17,15 +17,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from ..config import Config, RewardConfig, load_run_config
-from ..data import build_splits, load_rows
+from ..config import Config, RewardConfig
 from ..errors import DetoxError
 from ..hub import load_pretrained
-from ..policy import Policy, forward_response, load_policy
-from ..rewards import BUILTIN, Scorer, build_evaluator, build_reward
+from ..policy import Policy, forward_response
+from ..rewards import BUILTIN, Scorer, build_evaluator
 from ..rl.rollout import Rollout, generate, reference_logprobs, sample_seeds
-from ..rl.trainer import build_accelerator
-from ..rundir import RunDir, atomic_write_json, atomic_write_text, read_history
+from ..rundir import RunDir, atomic_write_text
 from .report import render_report
 from .stats import (
     expected_max_toxicity,
@@ -303,8 +301,11 @@ def evaluate_policy(
     history: list[dict],
     evaluators: dict[str, Scorer] | None = None,
     groups: list | None = None,
+    dataset: str | None = None,
 ) -> dict:
     """Generate, score, compare; write report.html, samples.csv and responses.jsonl; return the metrics block.
+
+    ``dataset`` names a file whose rows are all evaluated; None means the run's test split.
 
     ``groups`` holds one value per prompt (``eval.group_column``, see :func:`prompt_groups`):
     quality is then also reported per group. Toxicity (every judge's statistics, the reward's mean,
@@ -389,6 +390,7 @@ def evaluate_policy(
     atomic_write_text(out.responses, "".join(lines))
 
     evaluation = {
+        "protocol": protocol_info(config, dataset, n),
         "num_prompts": n,
         "samples_per_prompt": k,
         "threshold": e.threshold,
@@ -426,62 +428,11 @@ def run_info(config: Config) -> dict:
     return {"model": config.model.name_or_path, "output_dir": config.output_dir, "steps": config.rl.steps}
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    dataset: str | None = None,
-    samples_per_prompt: int | None = None,
-    evaluators: list[str] | None = None,
-    max_prompts: int | None = None,
-    threshold: float | None = None,
-    output_dir: str | Path | None = None,
-) -> Path:
-    """Evaluate a finished (or checkpointed-and-saved) run; returns the directory of the report."""
-    run = RunDir(run_dir)
-    if not run.config.is_file():
-        raise DetoxError(f"{run_dir} is not a detoxrl run directory (config.yaml is missing)")
-    if not (run.adapter / "adapter_config.json").is_file():
-        raise DetoxError(f"{run_dir} has no trained adapter (adapter/adapter_config.json is missing); did training finish?")
-    overrides = {
-        "eval.samples_per_prompt": samples_per_prompt,
-        "eval.evaluators": evaluators,
-        "eval.max_prompts": max_prompts,
-        "eval.threshold": threshold,
-    }
-    config = load_run_config(run.config, {k: v for k, v in overrides.items() if v is not None})
-    if config.eval.samples_per_prompt < 1:
-        raise DetoxError(f"samples_per_prompt must be at least 1, got {config.eval.samples_per_prompt}")
-    if config.eval.max_prompts is not None and config.eval.max_prompts < 1:
-        raise DetoxError(f"max_prompts must be at least 1, got {config.eval.max_prompts}")
-    config.eval.check_prompt_selection()
+def protocol_info(config: Config, dataset: str | None, prompts: int) -> dict:
+    """The data and the counting rule an evaluation's figures rest on; ``compare`` refuses two different ones.
 
-    if dataset:
-        config.data.dataset = dataset
-        rows = load_rows(config.data)
-        if config.data.text_column not in rows.column_names:
-            raise DetoxError(
-                f"dataset {dataset} has no column {config.data.text_column!r}; its columns are: {', '.join(rows.column_names)}"
-            )
-        rows = rows.map(lambda t: {"prompt": config.data.prompt_template.replace("{text}", t)},
-                        input_columns=config.data.text_column)
-        if config.eval.group_column is not None and config.eval.group_column not in rows.column_names:
-            # The run's grouping names a column of its own dataset; another dataset is judged as a whole.
-            logger.warning("dataset %s has no column %r: toxicity and quality are measured over all its prompts, "
-                           "without groups", dataset, config.eval.group_column)
-            config.eval.group_column, config.eval.toxicity_group, config.eval.control_prompts = None, None, 0
-    else:
-        _, rows = build_splits(config.data)
-    column = config.data.reference_column
-    references = list(rows[column]) if column and column in rows.column_names else None
-    groups = prompt_groups(rows, config)
-
-    # accelerate picks the device as in training (config.device forces one); every model goes there.
-    device = build_accelerator(config).device
-    # Loaded before anything is generated, so an evaluator that cannot be loaded fails fast.
-    held_out = {spec: held_out_evaluator(spec, config.eval.nontoxic_label, device) for spec in config.eval.evaluators}
-    reward = build_reward(config.reward, str(device), config.model.trust_remote_code)
-    policy = place_policy(load_policy(config.model, adapter=run.adapter, device=config.device), device)
-    out = RunDir(output_dir) if output_dir else RunDir(run.eval)
-    evaluation = evaluate_policy(config, policy, list(rows["prompt"]), references, reward, out.path,
-                                 read_history(run.history), held_out, groups)
-    atomic_write_json(out.metrics, {"run": run_info(config), "evaluation": evaluation})
-    return out.path
+    Sampling settings are the run's own (a property of the model being judged), so they are not in it.
+    """
+    e = config.eval
+    return {"dataset": dataset or f"{config.data.dataset} (test split, split_seed {config.data.split_seed})",
+            "prompts": prompts, "samples_per_prompt": e.samples_per_prompt, "threshold": e.threshold}
