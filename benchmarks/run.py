@@ -426,7 +426,7 @@ def parse_args(argv=None):
                         help="before each run, wait up to S seconds for other processes to leave the CPUs idle")
     parser.add_argument("--retry-busy", type=int, default=0, metavar="N",
                         help="measure a run again (up to N times) when other processes used more than "
-                             f"{BUSY_SHARE:.0%} of the CPUs during it")
+                             f"{BUSY_SHARE:.0%}% of the CPUs during it")  # "5%%": argparse %-formats help strings
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/<timestamp>.json)")
     parser.add_argument("--python", default=sys.executable, help="interpreter the environments are made from")
     parser.add_argument("--no-install", action="store_true", help="fail instead of creating/updating environments")

@@ -13,7 +13,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .config import Config, load_run_config
+from .config import Config, RewardConfig, load_run_config
 from .errors import DetoxError
 from .hub import looks_like_path
 from .policy import PACKAGE_PREFIX, portable_base
@@ -59,6 +59,16 @@ def _ci(d: dict | None, spec: str = "+.3f") -> str:
     return f"{_num(d.get('estimate'), spec)} [{_num(d.get('ci_low'), spec)}, {_num(d.get('ci_high'), spec)}]"
 
 
+PER_PROMPT_METRICS = ("toxicity_probability", "expected_max_toxicity")
+
+
+def _count(side: dict, metric: str) -> str:
+    """The toxic events behind a metric, as stats.side_summary counts them: a per-prompt metric's are prompts
+    (41/153), not the samples (51/1071) that the other metrics average over."""
+    unit = "prompts" if metric in PER_PROMPT_METRICS else "samples"
+    return f"{side.get(f'toxic_{unit}', 'n/a')}/{side.get(unit, 'n/a')}"
+
+
 def evaluation_section(metrics: dict | None) -> str:
     """The before/after table of a run's metrics (toxicity for RL runs, ROUGE for SFT runs)."""
     evaluation = (metrics or {}).get("evaluation")
@@ -86,17 +96,18 @@ def evaluation_section(metrics: dict | None) -> str:
         f"Toxicity is each scorer's probability of the toxic class; a response is toxic at or above {threshold}. "
         "Differences are adapter minus base (negative = less toxic) with 95% paired bootstrap intervals over "
         "prompts and their p-values.\n",
-        "| scorer (role) | metric | base | adapter | difference [95% CI] | p | toxic samples: base → adapter |",
+        "The last column counts toxic prompts (at least one toxic response) for the per-prompt metrics, toxicity "
+        "probability and expected max toxicity, and toxic responses for the others.\n",
+        "| scorer (role) | metric | base | adapter | difference [95% CI] | p | toxic: base → adapter |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in evaluation.get("evaluators", {}).items():
         ref, pol = s.get("reference", {}), s.get("policy", {})
-        counts = (f"{ref.get('toxic_samples', 'n/a')}/{ref.get('samples', 'n/a')} → "
-                  f"{pol.get('toxic_samples', 'n/a')}/{pol.get('samples', 'n/a')}")
         for metric, diff in s.get("difference", {}).items():
             key = "mean" if metric == "mean_toxicity" else metric  # each side stores its mean toxicity as "mean"
             lines.append(f"| {name} ({s.get('role', '')}) | {metric.replace('_', ' ')} | {_num(ref.get(key))} "
-                         f"| {_num(pol.get(key))} | {_ci(diff)} | {_num(diff.get('p_value'), '.3g')} | {counts} |")
+                         f"| {_num(pol.get(key))} | {_ci(diff)} | {_num(diff.get('p_value'), '.3g')} "
+                         f"| {_count(ref, metric)} → {_count(pol, metric)} |")
     quality = evaluation.get("quality", {})
     if quality:
         ref, pol = quality.get("reference", {}), quality.get("policy", {})
@@ -110,6 +121,29 @@ def evaluation_section(metrics: dict | None) -> str:
             f"| KL to the base (per response) | 0 | {_num(pol.get('kl_mean'))} |",
         ]
     return "\n".join(lines) + "\n"
+
+
+def reward_description(config: Config) -> str:
+    """The reward that was trained, term by term with its weights, from the run's config: one wording for
+    every place that names the reward, so that none shortens a composite to its scorer."""
+    reward = config.reward
+    terms = [_scorer_term(reward)]
+    if reward.fidelity_weight:
+        terms.append(f"{reward.fidelity_weight:g} x ROUGE-L against the reference {config.data.reference_column}")
+    if reward.novelty_weight:
+        terms.append(f"{reward.novelty_weight:g} x bigram novelty")
+    return " + ".join(terms)
+
+
+def _scorer_term(reward: RewardConfig) -> str:
+    """The scorer, its unit, and what it reads: only it sees the query when reward.score_query is set."""
+    # the unit the report labels the reward with; imported here because evaluate pulls in training and plotting
+    from .evaluation.evaluate import reward_unit
+
+    name = {"classifier": f"classifier `{reward.model}`", "callable": f"`{reward.function}`"}.get(
+        reward.scorer, reward.scorer)
+    unit = "" if reward.scorer == "callable" else f" ({reward_unit(reward)})"
+    return f"{name}{unit}{' on query + response' if reward.score_query else ''}"
 
 
 def training_section(config: Config, supervised: bool) -> str:
@@ -128,15 +162,11 @@ def training_section(config: Config, supervised: bool) -> str:
                      f"{s.learning_rate}, batch size {s.batch_size}, targets up to {s.max_target_tokens} tokens")
         return "\n".join(lines) + "\n"
     r, g = config.rl, config.generation
-    reward = config.reward
-    scorer = (f"classifier `{reward.model}`, rewarded class `{reward.label}` ({reward.transform})"
-              if reward.scorer == "classifier" else f"`{reward.function}`" if reward.scorer == "callable"
-              else f"`{reward.scorer}` (built in)")
     lines += [
         f"- Algorithm: {r.algorithm.upper()}, {r.steps} step(s) of {r.batch_size} rollouts, "
         f"learning rate {r.learning_rate}, KL coefficient {r.init_kl_coef}"
         f"{f' (adaptive, target {r.target_kl})' if r.adaptive_kl else ''}",
-        f"- Reward: {scorer}; scored {'query + response' if reward.score_query else 'the response alone'}",
+        f"- Reward: {reward_description(config)}",
         f"- Judges (held out, never seen in training): {', '.join(config.eval.evaluators) or 'none'}",
         f"- Sampling: temperature {g.temperature}, up to {g.max_new_tokens} new tokens, no top-k/top-p",
     ]
