@@ -176,15 +176,21 @@ def test_config_file_not_utf8(tmp_path, run_cli):
     [
         (["train", "--rl.stepz", "3"], "unrecognized arguments: --rl.stepz 3"),
         (["train", "--rl.batch_size", "many"], "rl.batch_size must be an integer, got 'many'"),
-        (["evaluate", "somewhere", "--samples_per_prompt", "two"], "argument --samples_per_prompt: invalid int value"),
+        (["evaluate", "somewhere", "--samples_per_prompt", "2"], "somewhere is not a detoxrl run directory"),
     ],
-    ids=["unknown-flag", "flag-wrong-type", "evaluate-flag-wrong-type"],
+    ids=["unknown-flag", "flag-wrong-type", "evaluate-not-a-run"],
 )
 def test_bad_command_line(tmp_path, run_cli, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(args)
     assert_one_error(code, err, message, exit_code=2)
     assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_flag_of_the_wrong_type(tmp_path, run_cli, finished_run):
+    code, _, err = run_cli(["evaluate", finished_run, "--samples_per_prompt", "two", "--output_dir", tmp_path / "e"])
+    assert_one_error(code, err, "eval.samples_per_prompt must be an integer, got 'two'", exit_code=2)
+    assert not (tmp_path / "e").exists()
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -421,10 +427,19 @@ def test_finished_run_is_never_overwritten(tmp_path, run_cli, finished_run, resu
     assert tree(finished_run) == before
 
 
-def test_resume_with_corrupt_checkpoint(tmp_path, run_cli, finished_run):
-    run = tmp_path / "crashed"
+def unfinished_copy(finished_run: Path, tmp_path: Path) -> Path:
+    """The finished run as it was when interrupted after its step-1 checkpoint."""
+    run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    (run / "metrics.json").unlink()  # as if it died after its checkpoint
+    for name in ("metrics.json", "adapter", "report.html", "samples.csv", "responses.jsonl"):
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    write_history(read_history(run / "history.jsonl")[:1], run / "history.jsonl")
+    return run
+
+
+def test_resume_with_corrupt_checkpoint(tmp_path, run_cli, finished_run):
+    run = unfinished_copy(finished_run, tmp_path)  # as if it died after its checkpoint
     (run / "checkpoints" / "step-0000001" / "trainable.safetensors").write_bytes(b"\x00garbage")
     code, _, err = run_cli(["train", "--output_dir", run, "--resume"])
     assert_one_error(code, err, f"checkpoint {run / 'checkpoints' / 'step-0000001'} is corrupt or incomplete",
@@ -712,6 +727,29 @@ def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch, at_ste
     assert code == 0, err
     assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()] == [1, 2]
     assert (out / "metrics.json").is_file()
+
+
+def test_resume_refuses_settings_that_change_the_result(tmp_path, run_cli, finished_run):
+    run = unfinished_copy(finished_run, tmp_path)
+    before = tree(run)
+    code, _, err = run_cli(["train", "--output_dir", run, "--resume", "--rl.learning_rate", "0.5", "--seed", "3"])
+    assert_one_error(code, err, "--resume would change settings that decide the result: rl.learning_rate (",
+                     "-> 0.5), seed (0 -> 3)", "add --resume_with_changes to continue anyway")
+    assert tree(run) == before  # nothing written
+    code, _, err = run_cli(["train", "--output_dir", run, "--resume", "--resume_with_changes", "--seed", "3",
+                            "--save_steps", "0"])
+    assert code == 0, err
+    assert json.loads((run / "metrics.json").read_text())["run"]["resumed_with_changes"] == [{"seed": [0, 3]}]
+    assert [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()] == \
+        [{"changed": {"seed": [0, 3]}}]
+
+
+def test_resume_may_change_how_a_run_reports(tmp_path, run_cli, finished_run):
+    run = unfinished_copy(finished_run, tmp_path)
+    code, _, err = run_cli(["train", "--output_dir", run, "--resume", "--save_steps", "0", "--threads", "2"])
+    assert code == 0, err
+    assert not (run / "resumes.jsonl").exists()
+    assert json.loads((run / "metrics.json").read_text())["run"]["resumed_with_changes"] == []
 
 
 def test_interrupted_evaluation_resumes_without_retraining(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch):

@@ -162,9 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a LoRA adapter with RL, then evaluate it",
                            epilog=LAYERS.format(example="--rl.steps 2"),
-                           usage=SETTINGS_USAGE.format(command="train") + " [--resume]")
+                           usage=SETTINGS_USAGE.format(command="train") + " [--resume [--resume_with_changes]]")
     add_layer_flags(train, ALIASES, skip=("sft",))
-    train.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint "
+                       "(or, when training had finished, run only the missing evaluation); settings that decide the "
+                       "result must stay as saved")
+    train.add_argument("--resume_with_changes", action="store_true",
+                       help="with --resume: continue even though settings that decide the result changed (the "
+                       "changes are recorded in resumes.jsonl and metrics.json)")
 
     sft = sub.add_parser(
         "sft", epilog=LAYERS.format(example="--sft.max_steps 2"), usage=SETTINGS_USAGE.format(command="sft"),
@@ -277,7 +282,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from .train import train
 
-        out = train(layered_config(args), resume=args.resume)
+        if args.resume_with_changes and not args.resume:
+            raise DetoxError("--resume_with_changes needs --resume")
+        out = train(layered_config(args), resume=args.resume, resume_with_changes=args.resume_with_changes)
         if int(os.environ.get("RANK", "0")) == 0:
             written = "adapter, metrics and report" if RunDir(out).report.is_file() else \
                 "adapter and metrics (no evaluation: eval.enabled is false)"

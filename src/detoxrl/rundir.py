@@ -10,6 +10,7 @@ Layout of ``detoxrl train --output_dir RUN``::
     report.html, samples.csv, responses.jsonl
                        the end-of-training evaluation
     eval/              ``detoxrl evaluate RUN``: its own report, samples, responses and metrics.json
+    resumes.jsonl      settings changed by a resume with --resume_with_changes (absent otherwise)
     metrics.json       written last: a run without it did not finish
 
 Every file is written to a temporary name in the same directory and renamed into place, so a crash,
@@ -75,6 +76,11 @@ class RunDir:
     def eval(self) -> Path:
         """Where ``detoxrl evaluate`` writes by default."""
         return self.path / "eval"
+
+    @property
+    def resumes(self) -> Path:
+        """Settings changed by ``--resume_with_changes``, one JSON object per such resume."""
+        return self.path / "resumes.jsonl"
 
     @property
     def checkpoints(self) -> Path:
@@ -197,6 +203,45 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DetoxError(f"cannot read {path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------- resuming
+
+# Settings a resume may change without a word: they decide where and how the run reports, not what it trains.
+RESUME_MAY_CHANGE = ("output_dir", "report_to", "save_steps", "save_total_limit", "threads", "eval.")
+
+
+def flat_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"rl": {"steps": 2}}`` -> ``{"rl.steps": 2}``."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(saved: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list]:
+    """The settings that decide a run's result and differ between its saved config and a resume's:
+    ``{"rl.learning_rate": [old, new]}``."""
+    a, b = flat_settings(saved), flat_settings(new)
+    return {key: [a.get(key), b.get(key)] for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key) and not key.startswith(RESUME_MAY_CHANGE)}
+
+
+def check_resume(run: RunDir, saved: Mapping[str, Any], new: Mapping[str, Any], with_changes: bool) -> dict:
+    """Refuse a resume that would change what the run trains, naming each change, unless ``with_changes``;
+    then the changes are recorded in ``resumes.jsonl`` and returned."""
+    changed = changed_settings(saved, new)
+    if changed and not with_changes:
+        listed = ", ".join(f"{key} ({old!r} -> {value!r})" for key, (old, value) in changed.items())
+        raise DetoxError(f"--resume would change settings that decide the result: {listed}; resume with the saved "
+                         "settings, or add --resume_with_changes to continue anyway (recorded in resumes.jsonl)")
+    if changed:
+        previous = run.resumes.read_text(encoding="utf-8") if run.resumes.is_file() else ""
+        atomic_write_text(run.resumes, previous + json.dumps(json_ready({"changed": changed})) + "\n")
+    return changed
 
 
 # ----------------------------------------------------------------------------------------------- the directory

@@ -5,6 +5,7 @@ The output directory's layout is described in :mod:`detoxrl.rundir`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, load_run_config
 from .data import build_splits
 from .errors import DetoxError
 from .policy import load_policy
@@ -22,7 +23,8 @@ from .rl import checkpoint
 from .rl.trainer import RLTrainer, build_accelerator
 from .rewards import build_reward
 from .rundir import (
-    RunDir, atomic_write_dir, atomic_write_json, prepare_output_dir, read_history, remove_partial_run, write_history,
+    RunDir, atomic_write_dir, atomic_write_json, check_resume, prepare_output_dir, read_history, remove_partial_run,
+    write_history,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,11 +45,18 @@ def flat_hparams(config: Config) -> dict[str, float | str | bool]:
     return flat
 
 
-def train(config: Config, resume: bool = False) -> Path:
-    """Train, save and evaluate; returns the run directory."""
+def train(config: Config, resume: bool = False, resume_with_changes: bool = False) -> Path:
+    """Train, save and evaluate; returns the run directory.
+
+    ``resume`` continues the run in ``config.output_dir``; settings that decide its result must be the
+    saved ones unless ``resume_with_changes`` (then the changes are recorded in the run).
+    """
     config.validate()
-    accelerator = build_accelerator(config)
     out = Path(config.output_dir)
+    run = RunDir(out)
+    if resume and run.config.is_file() and not run.is_finished():
+        check_resume(run, load_run_config(run.config).to_dict(), config.to_dict(), resume_with_changes)
+    accelerator = build_accelerator(config)
     created, was_empty = prepare_output_dir(out, resume) if accelerator.is_main_process else (False, False)
     accelerator.wait_for_everyone()
     try:
@@ -55,7 +64,6 @@ def train(config: Config, resume: bool = False) -> Path:
     except BaseException:
         # Nothing the user made is lost: without a checkpoint or a saved adapter, remove only what this run wrote
         # (the directory if we created it, its contents if it was empty), so the same command can be run again.
-        run = RunDir(out)
         keep = checkpoint.list_checkpoints(run.checkpoints) or run.adapter.is_dir()
         if (created or was_empty) and not keep:  # a trained adapter or a checkpoint is never thrown away
             remove_partial_run(out, keep_directory=not created)
@@ -135,6 +143,8 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
             "steps": trainer.step_count,
             "train_seconds": round(train_seconds, 1),
             "num_processes": accelerator.num_processes,
+            "resumed_with_changes": [json.loads(line)["changed"] for line in run.resumes.read_text().splitlines()]
+            if run.resumes.is_file() else [],
             "rank_param_max_diff": trainer.rank_divergence(),
         },
         "train": trainer.history[-1] if trainer.history else {},
