@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from detoxrl.config import ModelConfig, build_config
+from detoxrl.data import build_splits
 from detoxrl.errors import DetoxError
 from detoxrl.evaluation import command, evaluate
 from detoxrl.evaluation.evaluate import (
@@ -254,6 +255,36 @@ def test_evaluate_run_with_a_toxicity_group(tiny_t5, tiny_classifier, tmp_path):
     assert evaluation["evaluators"][str(tiny_classifier)]["reference"]["prompts"] == 2
     rows = [json.loads(line) for line in RunDir(out).responses.read_text().splitlines()]
     assert [r["group"] for r in rows] == [False, False, True, True, True]
+
+
+def test_evaluation_reports_the_composite_reward_that_was_trained(tiny_t5, tiny_classifier, tmp_path):
+    """The evaluation scores responses with every trained term (scorer + fidelity + novelty), not the scorer alone."""
+    from detoxrl.rewards.fidelity import rouge_l
+    from detoxrl.rewards.novelty import bigram_novelty
+    from tiny import THANKS_REWARD, thanks_share
+
+    config = tiny_run_config(tiny_t5, tmp_path / "run", **{
+        "generation.max_new_tokens": 4, "eval.evaluators": [str(tiny_classifier)], "eval.max_prompts": 4,
+        "eval.samples_per_prompt": 2, "rl.batch_size": 4, "rl.mini_batch_size": 4, "rl.samples_per_prompt": 2,
+        "rl.algorithm": "rloo", "reward.function": THANKS_REWARD, "reward.fidelity_weight": 2.0,
+        "reward.novelty_weight": 1.5, "data.reference_column": "summary"})
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    config.save(run.config)
+    load_policy(config.model).save_pretrained(run.adapter)
+    evaluation = json.loads(RunDir(command.evaluate_run(run.path)).metrics.read_text())["evaluation"]
+    rows = [json.loads(line) for line in (run.eval / "responses.jsonl").read_text().splitlines()]
+    _, test_rows = build_splits(config.data)
+    summaries = dict(zip(test_rows["prompt"], test_rows["summary"]))
+    prompts, responses = [r["prompt"] for r in rows], [r["policy_response"] for r in rows]
+    # novelty within groups of batch_size / k = 2 prompts (4 responses), as in training
+    novelty = np.concatenate([bigram_novelty(responses[i:i + 4], prompts[i:i + 4]) for i in range(0, 8, 4)])
+    expected = (np.array(thanks_share(responses)) + 2.0 * rouge_l(responses, [summaries[p] for p in prompts])
+                + 1.5 * novelty)
+    np.testing.assert_allclose([r["reward_policy"] for r in rows], expected, rtol=1e-5, atol=1e-6)
+    assert set(evaluation["reward_terms"]["policy"]) == {"scorer", "fidelity", "novelty"}
+    assert evaluation["reward"] == f"`{THANKS_REWARD}` + 2 x ROUGE-L against the reference summary + 1.5 x bigram novelty"
+    assert evaluation["reward_mean"]["policy"] == pytest.approx(float(np.mean(expected)), rel=1e-5)
 
 
 def test_learning_curve_judges_toxicity_group_prompts(monkeypatch):

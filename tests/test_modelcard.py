@@ -8,7 +8,8 @@ from huggingface_hub import ModelCard
 
 from detoxrl.config import build_config
 from detoxrl.evaluation.stats import toxicity_summary
-from detoxrl.modelcard import reward_description, write_model_card
+from detoxrl.modelcard import write_model_card
+from detoxrl.rewards.composite import reward_description
 
 
 def finished_run(tmp_path, config, metrics):

@@ -29,6 +29,7 @@ def _synthetic():
         "run": {"model": "tiny-model", "steps": 50, "wall_time_s": 123.4},
         "train": {"final_reward_mean": 0.8, "final_kl": 0.3},
         "evaluation": {"num_prompts": 60, "samples_per_prompt": 4, "threshold": 0.5, "evaluators": evaluators,
+                       "reward": "profanity-check (log-odds of non-toxic) + 10 x ROUGE-L against the reference summary",
                        "reward_scorer": "profanity-check", "reward_unit": "log-odds of non-toxic",
                        "examples_judge": EVALUATORS[1], "quality": quality, "group_column": "heated",
                        "groups": {"False": {"num_prompts": 20, **quality}, "True": {"num_prompts": 40, **quality}}},

@@ -9,7 +9,6 @@ import stat
 import warnings
 from pathlib import Path
 
-import pytest
 
 import detoxrl
 from detoxrl.config import build_config

@@ -13,10 +13,11 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .config import Config, RewardConfig, load_run_config
+from .config import Config, load_run_config
 from .errors import DetoxError
 from .hub import looks_like_path
 from .policy import PACKAGE_PREFIX, portable_base
+from .rewards.composite import reward_description
 from .rundir import RunDir, atomic_write_text
 
 CARD_FILE = "README.md"
@@ -121,29 +122,6 @@ def evaluation_section(metrics: dict | None) -> str:
             f"| KL to the base (per response) | 0 | {_num(pol.get('kl_mean'))} |",
         ]
     return "\n".join(lines) + "\n"
-
-
-def reward_description(config: Config) -> str:
-    """The reward that was trained, term by term with its weights, from the run's config: one wording for
-    every place that names the reward, so that none shortens a composite to its scorer."""
-    reward = config.reward
-    terms = [_scorer_term(reward)]
-    if reward.fidelity_weight:
-        terms.append(f"{reward.fidelity_weight:g} x ROUGE-L against the reference {config.data.reference_column}")
-    if reward.novelty_weight:
-        terms.append(f"{reward.novelty_weight:g} x bigram novelty")
-    return " + ".join(terms)
-
-
-def _scorer_term(reward: RewardConfig) -> str:
-    """The scorer, its unit, and what it reads: only it sees the query when reward.score_query is set."""
-    # the unit the report labels the reward with; imported here because evaluate pulls in training and plotting
-    from .evaluation.evaluate import reward_unit
-
-    name = {"classifier": f"classifier `{reward.model}`", "callable": f"`{reward.function}`"}.get(
-        reward.scorer, reward.scorer)
-    unit = "" if reward.scorer == "callable" else f" ({reward_unit(reward)})"
-    return f"{name}{unit}{' on query + response' if reward.score_query else ''}"
 
 
 def training_section(config: Config, supervised: bool) -> str:

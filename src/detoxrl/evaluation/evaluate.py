@@ -5,6 +5,7 @@ training reward and by held-out evaluators that training never saw; see docs/eva
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -17,11 +18,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from ..config import Config, RewardConfig
+from ..config import Config
 from ..errors import DetoxError
 from ..hub import load_pretrained
 from ..policy import Policy, forward_response
 from ..rewards import BUILTIN, Scorer, build_evaluator
+from ..rewards.composite import combine, grouped_novelty, reward_description, reward_terms, reward_unit
 from ..rl.rollout import Rollout, generate, reference_logprobs, sample_seeds
 from ..rundir import RunDir, atomic_write_text
 from .report import render_report
@@ -219,14 +221,19 @@ def held_out_evaluator(spec: str, nontoxic_label: str, device: torch.device | st
     return build_evaluator(name, label, device)
 
 
-def reward_unit(reward: RewardConfig) -> str:
-    """What one unit of the training reward is, for labels."""
-    if reward.scorer == "callable":
-        return f"as returned by {reward.function}"
-    label = "non-toxic" if reward.scorer in BUILTIN else f"class {reward.label!r}"
-    transform = "log_odds" if reward.scorer in BUILTIN and reward.transform == "logit" else reward.transform
-    return {"logit": f"logit of {label}", "log_odds": f"log-odds of {label}", "prob": f"probability of {label}",
-            "log_prob": f"log-probability of {label}"}[transform]
+def trained_reward(reward: Scorer, config: Config, prompts: list[str], responses: list[str],
+                   references: list[str] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The reward training optimised, for evaluated responses (one per item of ``prompts``): its value and
+    each term's. Novelty compares responses within groups of as many prompts as a training batch holds, the
+    scale it was trained on. Data without references (``evaluate --dataset``) leaves the fidelity term out."""
+    r = config.reward
+    if r.fidelity_weight and references is None:
+        r = dataclasses.replace(r, fidelity_weight=0.0)
+    novelty = None
+    if r.novelty_weight:
+        novelty = grouped_novelty(responses, prompts, max(1, config.rl.batch_size // config.rl.samples_per_prompt))
+    terms = reward_terms(reward, prompts, responses, r, references, novelty)
+    return combine(terms, r, reward.name), terms
 
 
 def prompt_groups(rows, config: Config) -> list | None:
@@ -362,8 +369,9 @@ def evaluate_policy(
         scored[scorer.name] = {"role": role, **summary}
         raw[scorer.name] = {"reference": [float(x) for x in tox_before], "policy": [float(x) for x in tox_after]}
 
-    reward_before, reward_after = reward.rewards(before), reward.rewards(after)
     refs = [r for r in references for _ in range(k)] if references else None
+    trained = {side: trained_reward(reward, config, expanded, texts, refs) for side, texts in sides.items()}
+    (reward_before, terms_before), (reward_after, terms_after) = trained["reference"], trained["policy"]
     quality = {side: quality_metrics(texts, refs, k) for side, texts in sides.items()}
     for side in sides:
         quality[side].update({name: perplexity(*pair) for name, pair in nll[side].items()})
@@ -394,10 +402,13 @@ def evaluate_policy(
         "num_prompts": n,
         "samples_per_prompt": k,
         "threshold": e.threshold,
+        "reward": reward_description(config),
         "reward_scorer": reward.name,
         "reward_unit": reward_unit(config.reward),
         "reward_mean": {"reference": float(np.mean(reward_before[toxic])),
                         "policy": float(np.mean(reward_after[toxic]))},
+        "reward_terms": {side: {name: float(np.mean(values[toxic])) for name, values in terms.items()}
+                         for side, terms in (("reference", terms_before), ("policy", terms_after))},
         "examples_judge": judge,
         "fluency_model": e.fluency_model,
         "evaluators": scored,

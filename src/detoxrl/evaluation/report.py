@@ -416,7 +416,7 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
     evaluators = evaluation.get("evaluators", {})
     threshold = evaluation.get("threshold", 0.5)
     settings = {k: evaluation.get(k) for k in ("num_prompts", "toxicity_group", "toxicity_prompts", "control_prompts",
-                                               "samples_per_prompt", "threshold", "reward_scorer", "reward_unit",
+                                               "samples_per_prompt", "threshold", "reward",
                                                "fluency_model")}
     model = metrics.get("run", {}).get("model")
     parts = [
@@ -439,7 +439,9 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
         parts += ["<h2>Toxicity distribution</h2>", histogram_plot(raw, threshold)]
     parts.append(_quality_table(evaluation.get("quality", {})))
     parts.append(_group_tables(evaluation.get("groups", {}), evaluation.get("group_column")))
-    unit = evaluation.get("reward_unit") or "reward units"
+    # a composite reward has no one unit; its terms are named in the header's "reward"
+    unit = evaluation.get("reward_unit") if " + " not in (evaluation.get("reward") or "") else "composite"
+    unit = unit or "reward units"
     training = curves_plot(history, [(key, label.format(unit=unit)) for key, label in TRAINING_CURVES],
                            "Training curves per step (thin: raw; thick: moving average).")
     if training:

@@ -15,11 +15,11 @@ from torch import nn
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, RewardConfig
 from ..errors import DetoxError
 from ..policy import Policy, ValueHead, encode_prompts, forward_response
 from ..rewards import Scorer
-from ..rewards.fidelity import rouge_l
+from ..rewards.composite import combine, reward_terms
 from .core import logprobs_from_logits, response_mask, sampling_logits
 
 
@@ -215,28 +215,12 @@ def score(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Rewards for the responses (optionally scored together with their query, as the recipe did),
     plus ``fidelity_weight`` x ROUGE-L against each prompt's reference and ``novelty_weight`` x each
-    response's bigram novelty in the batch (detoxrl.rewards.novelty); and the parts' means."""
-    texts = [f"{q} {r}" for q, r in zip(queries, responses)] if score_query else responses
-    values = np.asarray(scorer.rewards(texts), dtype=np.float32)
-    parts = {"env/scorer_reward_mean": float(values.mean())}
-    if fidelity_weight:
-        if references is None:
-            raise DetoxError("reward.fidelity_weight needs the reference response of every prompt")
-        fidelity = rouge_l(responses, references)
-        parts["env/fidelity_mean"] = float(fidelity.mean())
-        values = values + fidelity_weight * fidelity
-    if novelty_weight:
-        if novelty is None or len(novelty) != len(responses):
-            raise DetoxError("reward.novelty_weight needs the bigram novelty of every response")
-        parts["env/novelty_mean"] = float(np.mean(novelty))
-        values = values + novelty_weight * np.asarray(novelty, dtype=np.float32)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise DetoxError(
-            f"the reward is NaN or infinite for {int(bad.sum())} of {len(values)} texts (scorer {scorer.name}); "
-            "fix the scorer or clip its output"
-        )
-    return torch.from_numpy(values), parts
+    response's bigram novelty in the batch (detoxrl.rewards.composite); and the parts' means."""
+    config = RewardConfig(score_query=score_query, fidelity_weight=fidelity_weight, novelty_weight=novelty_weight)
+    terms = reward_terms(scorer, queries, responses, config, references, novelty)
+    names = {"scorer": "env/scorer_reward_mean", "fidelity": "env/fidelity_mean", "novelty": "env/novelty_mean"}
+    parts = {names[name]: float(values.mean()) for name, values in terms.items()}
+    return torch.from_numpy(combine(terms, config, scorer.name)), parts
 
 
 @torch.no_grad()
