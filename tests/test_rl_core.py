@@ -12,6 +12,7 @@ from detoxrl.rl.core import (
     entropy_from_logits,
     k3_kl,
     logprobs_from_logits,
+    loss_divisors,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -282,7 +283,7 @@ def test_ppo_equal_logprobs_give_zero_kl_and_no_clipping():
     close(out.value_loss, 0.0)
 
 
-def test_ppo_divisor_overrides_the_token_count():
+def test_ppo_divisors_override_the_counts():
     # Same tokens as _ppo_case, but divided by 8 (e.g. the token count of the whole mini-batch
     # over all processes) instead of this shard's 4 real tokens: sums / 8.
     old = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -3.0]])
@@ -291,10 +292,16 @@ def test_ppo_divisor_overrides_the_token_count():
     values = torch.tensor([[1.0, 0.1, -0.5, 0.0, 50.0]])
     returns = torch.tensor([[1.0, 1.0, 1.0, 0.0, -50.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
-    out = ppo_losses(logprobs, old, values, torch.zeros(1, 5), adv, returns, mask, 0.2, 0.2, 0.1, divisor=8.0)
+    out = ppo_losses(logprobs, old, values, torch.zeros(1, 5), adv, returns, mask, 0.2, 0.2, 0.1, divisor=8.0,
+                     value_divisor=8.0)
     close(out.policy_loss, (-1.2 - 1.0 + 3.0 + 1.6) / 8)
     close(out.value_loss, 0.5 * (0.64 + 0.81 + 2.25) / 8)
     close(out.loss, 2.4 / 8 + 0.1 * 0.5 * 3.7 / 8)
+    # Sequence normalisation: the policy loss over 2 responses, the value loss still over the 8 tokens.
+    out = ppo_losses(logprobs, old, values, torch.zeros(1, 5), adv, returns, mask, 0.2, 0.2, 0.1, divisor=2.0,
+                     normalization="sequence", value_divisor=8.0)
+    close(out.policy_loss, (-1.2 - 1.0 + 3.0 + 1.6) / 4 / 2)
+    close(out.value_loss, 0.5 * (0.64 + 0.81 + 2.25) / 8)
 
 
 # ---------------------------------------------------------------- explained variance
@@ -394,8 +401,26 @@ def test_k3_kl_by_hand_and_never_negative():
     logprobs = torch.tensor([-1.0, -2.0, -3.0])
     ref = torch.tensor([-2.0, -2.0, -1.0])
     # r = ref - logp: -1, 0, 2 -> e^r - r - 1
-    close(k3_kl(logprobs, ref), [math.exp(-1) + 1 - 1, 0.0, math.exp(2) - 2 - 1])
-    assert (k3_kl(torch.randn(100), torch.randn(100)) >= 0).all()
+    close(k3_kl(logprobs, ref, torch.ones(3)), [math.exp(-1) + 1 - 1, 0.0, math.exp(2) - 2 - 1])
+    assert (k3_kl(torch.randn(100), torch.randn(100), torch.ones(100)) >= 0).all()
+    close(k3_kl(logprobs, ref, torch.tensor([1.0, 1.0, 0.0])), [math.exp(-1) + 1 - 1, 0.0, 0.0])  # padding is 0
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_grpo_loss_and_gradients_stay_finite_when_a_pad_token_is_very_unlikely(normalization):
+    # On padding the reference log-prob is 0 but the policy's is whatever the model gives the pad token;
+    # exp(0 - (-95)) overflows float32, and inf * 0 was NaN.
+    logprobs = torch.tensor([[-1.0, -95.0], [-2.0, -3.0]], requires_grad=True)
+    old = logprobs.detach().clone()
+    ref = torch.tensor([[-2.0, 0.0], [-2.5, -3.0]])
+    advantages, mask = torch.tensor([[1.0, 0.0], [-1.0, -1.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    loss, stats = grpo_losses(logprobs, old, ref, advantages, mask, 0.2, 0.5, normalization)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(stats["loss/kl"]) and torch.isfinite(logprobs.grad).all()
+    assert logprobs.grad[0, 1] == 0  # the pad token gets no gradient
+    # The KL term is the one of the real tokens only: (e^-1 + 1 - 1, e^-0.5 + 0.5 - 1, 0).
+    kl = [math.exp(-1), math.exp(-0.5) - 0.5, 0.0]
+    close(stats["loss/kl"], sum(kl) / 3 if normalization == "token" else (kl[0] + (kl[1] + kl[2]) / 2) / 2)
 
 
 def test_aggregate_loss_token_and_sequence_normalisation_by_hand():
@@ -405,6 +430,33 @@ def test_aggregate_loss_token_and_sequence_normalisation_by_hand():
     close(aggregate_loss(per_token, mask, "sequence"), ((1 + 3) / 2 + 6) / 2)
     close(aggregate_loss(per_token, mask, "token", divisor=5.0), 10 / 5)
     close(aggregate_loss(per_token, mask, "sequence", divisor=4.0), 8 / 4)
+
+
+def test_loss_divisors_by_hand():
+    # This process: 3 tokens in 2 responses; the other: 5 tokens in 2 responses; 2 processes x 2 accumulation steps.
+    other = torch.tensor([5.0, 2.0], dtype=torch.float64)
+    divisors = loss_divisors(M, 4, reduce=lambda totals: totals + other)
+    close(divisors["token"], 8 / 4)
+    close(divisors["sequence"], 4 / 4)
+    close(loss_divisors(M, 1)["token"], 3.0)  # one process, no accumulation: the micro-batch's own count
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_micro_batch_losses_average_to_the_whole_mini_batch_loss(normalization):
+    # 8 responses of different lengths: 2 processes x 2 accumulated micro-batches of 2. DDP averages the
+    # processes' gradients and accelerate divides each micro-batch loss by the accumulation steps, so the
+    # update follows the mean of the 4 micro-batch losses: it must be the loss of all 8 at once.
+    torch.manual_seed(0)
+    per_token = torch.randn(8, 5)
+    mask = (torch.arange(5) < torch.tensor([1, 5, 2, 4, 3, 1, 5, 2])[:, None]).float()
+    shares = [slice(0, 4), slice(4, 8)]  # each process's share of the mini-batch
+    totals = [torch.stack([mask[s].sum(), torch.tensor(4.0)]).double() for s in shares]
+    losses = []
+    for rank, share in enumerate(shares):
+        divisor = loss_divisors(mask[share], 4, reduce=lambda t: t + totals[1 - rank])[normalization]
+        for micro in (slice(share.start, share.start + 2), slice(share.start + 2, share.stop)):
+            losses.append(aggregate_loss(per_token[micro], mask[micro], normalization, divisor))
+    close(torch.stack(losses).mean(), aggregate_loss(per_token, mask, normalization))
 
 
 # ---------------------------------------------------------------- RLOO

@@ -2,18 +2,28 @@
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from tiny import ThanksShare, subprocess_env, tiny_run_config, tiny_run_settings, write_yaml
 
 from detoxrl.errors import DetoxError
 from detoxrl.policy import load_policy
+from detoxrl.rewards import Scorer
 from detoxrl.rl.trainer import RLTrainer
 
 PROMPTS = ["the person1 said thanks about work", "the meeting is good", "a car and a home", "school talk"]
+# Responses of 1 to 4 words (2 to 5 tokens with EOS), so that micro-batches hold different numbers of tokens.
+RESPONSES = ["thanks", "the car and a home", "nice", "please talk about the", "good thanks", "a",
+             "thanks thanks thanks", "home and school"]
+REWARDS = [1.0, 0.0, 0.5, -1.0, 2.0, 0.0, 1.5, -0.5]
 
 
 def make_trainer(model, tmp_path, references=None, **dotted) -> RLTrainer:
@@ -62,19 +72,150 @@ def test_resume_from_a_checkpoint_continues_exactly(algorithm, tiny_t5, tmp_path
     assert json.loads((saved / "state.json").read_text())["algorithm"] == algorithm
 
 
+def test_checkpoint_is_on_disk_before_it_replaces_the_previous_one(tiny_t5, tmp_path, monkeypatch):
+    """Survives a power loss: every file and the staging directory are fsynced before the rename, and the parent
+    directory (the rename itself) before the older checkpoint is deleted."""
+    events = []
+    real_fsync, real_rename, real_rmtree = os.fsync, Path.rename, shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(self, target):
+        events.append(("rename", str(self.resolve())))
+        return real_rename(self, target)
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).exists():
+            events.append(("rmtree", str(Path(path).resolve())))
+        return real_rmtree(path, *args, **kwargs)
+
+    trainer = make_trainer(tiny_t5, tmp_path, **{"save_total_limit": 1})
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    trainer.step_count = 1
+    first = trainer.save_checkpoint().resolve()
+    trainer.step_count = 2
+    events.clear()
+    second = trainer.save_checkpoint().resolve()
+
+    def when(*event) -> int:
+        """Where the last such event is in ``events``."""
+        assert event in events, f"never happened: {event}"
+        return len(events) - 1 - events[::-1].index(event)
+
+    staging = second.parent / f".tmp-{second.name}"
+    renamed, rotated = when("rename", str(staging)), when("rmtree", str(first))
+    files = sorted(p.name for p in second.iterdir())
+    assert {"state.json", "trainable.safetensors", "optimizer.safetensors", "rng-0.json"} <= set(files)
+    for name in files:
+        assert when("fsync", str(staging / name)) < renamed, name
+    assert when("fsync", str(staging)) < renamed < when("fsync", str(second.parent)) < rotated
+    assert not first.exists()
+
+
 def test_step_takes_external_responses_and_rewards(tiny_t5, tmp_path):
-    """The recipe's ppo_trainer.step(query, response, reward), with responses and rewards made elsewhere."""
+    """The recipe's ppo_trainer.step(query, response, reward), with responses and rewards made elsewhere:
+    each prompt once, its k responses (and their rewards) in a row."""
     trainer = make_trainer(tiny_t5, tmp_path, **{"rl.algorithm": "rloo", "rl.samples_per_prompt": 2,
                                                  "rl.batch_size": 4, "rl.mini_batch_size": 4, "rl.learning_rate": 0.05})
-    prompts = ["school talk", "school talk", "the meeting is good", "the meeting is good"]
+    prompts = ["school talk", "the meeting is good"]
     responses = ["thanks thanks", "the car", "thanks", "a home"]
     stats = trainer.step(prompts, responses, rewards=[1.0, 0.0, 1.0, 0.0])
     assert stats["env/reward_mean"] == pytest.approx(0.5)
     assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the adapter starts as a no-op
-    with pytest.raises(DetoxError, match="rewards must be 4 finite numbers"):
+    with pytest.raises(DetoxError, match="rewards must be 4 finite numbers, one per response"):
         trainer.step(prompts, responses, rewards=[1.0, 0.0, float("nan"), 0.0])
-    with pytest.raises(DetoxError, match="whole groups"):
-        trainer.step(prompts[:3], responses[:3], rewards=[1.0, 0.0, 1.0])
+    with pytest.raises(DetoxError, match=r"responses must be one per response: 2 prompt\(s\) x rl.samples_per_prompt "
+                                         r"\(2\) = 4, got 2"):
+        trainer.step(prompts, responses[:2], rewards=[1.0, 0.0])
+    with pytest.raises(DetoxError, match=r"rewards must be one per response: .* = 4, got 2"):
+        trainer.step(prompts, responses, rewards=[1.0, 0.0])
+
+
+class RecordingScorer(Scorer):
+    """ThanksShare that keeps the texts it was given."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.texts = []
+
+    def rewards(self, texts):
+        self.texts.extend(texts)
+        return ThanksShare().rewards(texts)
+
+
+def test_step_samples_k_responses_to_each_prompt_given_once(tiny_t5, tmp_path):
+    torch.manual_seed(0)
+    config = tiny_run_config(tiny_t5, tmp_path, **{"rl.algorithm": "rloo", "rl.samples_per_prompt": 2,
+                                                   "rl.batch_size": 4, "rl.mini_batch_size": 4,
+                                                   "generation.max_new_tokens": 5, "reward.score_query": True})
+    scorer = RecordingScorer()
+    trainer = RLTrainer(config, load_policy(config.model), scorer, PROMPTS)
+    trainer.step(["school talk", "a car and a home"])
+    # 2 responses to each prompt, in a row: the leave-one-out groups (rows 0-1, 2-3) each hold one prompt.
+    assert len(scorer.texts) == 4
+    assert [t.startswith("school talk ") for t in scorer.texts] == [True, True, False, False]
+    assert [t.startswith("a car and a home ") for t in scorer.texts] == [False, False, True, True]
+    # The training loop's batches are whole prompts, each once: step() makes the k copies.
+    assert trainer.batch_prompts(0) == [PROMPTS[i] for i in trainer.batch_indices(0)]
+    assert len(trainer.batch_prompts(0)) == 2
+
+
+def recorded_update(trainer: RLTrainer) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """One step on RESPONSES and REWARDS: the gradient at every optimiser step, and the trainable weights after."""
+    gradients = []
+    trainer.optimizer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: gradients.append(
+        torch.cat([p.grad.flatten() for group in optimizer.param_groups for p in group["params"]])))
+    k = trainer.config.rl.samples_per_prompt
+    trainer.step((PROMPTS * 2)[: len(RESPONSES) // k], RESPONSES, REWARDS)
+    return gradients, {n: p.detach().clone() for n, p in trainer.policy.module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+def test_gradient_accumulation_gives_the_update_of_the_whole_mini_batch(algorithm, normalization, tiny_t5, tmp_path):
+    """Mini-batches of 4 in 2 accumulated micro-batches of 2 update as mini-batches of 4 at once. The gradients are
+    compared unclipped, as Adam and clipping would hide a wrong scale (not a wrong weighting of tokens); the small
+    learning rate keeps Adam's amplified rounding in barely-moved coordinates under the weights' 1e-6."""
+    settings = {"rl.algorithm": algorithm, "rl.samples_per_prompt": 1 if algorithm == "ppo" else 2,
+                "rl.loss_normalization": normalization, "rl.learning_rate": 0.001, "rl.max_grad_norm": 1e9}
+    whole = recorded_update(make_trainer(tiny_t5, tmp_path / "whole", **settings))
+    split = recorded_update(make_trainer(tiny_t5, tmp_path / "split", **settings,
+                                         **{"rl.gradient_accumulation_steps": 2}))
+    assert len(whole[0]) == len(split[0]) == 2  # 8 rollouts, optimiser steps of 4
+    for a, b in zip(split[0], whole[0]):
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+    for name, weight in whole[1].items():
+        torch.testing.assert_close(split[1][name], weight, atol=1e-6, rtol=0)
+
+
+def test_a_non_finite_loss_stops_before_the_optimiser_step(tiny_t5, tmp_path):
+    trainer = make_trainer(tiny_t5, tmp_path, **{"rl.algorithm": "grpo", "rl.samples_per_prompt": 2,
+                                                 "rl.learning_rate": 0.05})
+    real_loss = trainer.algorithm.loss
+
+    def nan_kl(*args):
+        loss, stats = real_loss(*args)
+        return loss * np.nan, {**stats, "loss/kl": stats["loss/kl"] * np.nan}
+
+    trainer.algorithm.loss = nan_kl
+    before = {n: p.detach().clone() for n, p in trainer.policy.module.named_parameters() if p.requires_grad}
+    with pytest.raises(DetoxError, match=r"^step 1: the loss is not finite \(loss/kl\); stopped before the optimiser"):
+        trainer.step(PROMPTS[:2], RESPONSES[:4], REWARDS[:4])
+    for name, param in trainer.policy.module.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, before[name]), name
+
+
+def test_an_accelerator_that_accumulates_differently_is_refused(tiny_t5, tmp_path):
+    config = tiny_run_config(tiny_t5, tmp_path)
+    with pytest.raises(DetoxError, match="accumulates 2 micro-batch.* but rl.gradient_accumulation_steps is 1"):
+        RLTrainer(config, load_policy(config.model), ThanksShare(), PROMPTS,
+                  accelerator=Accelerator(cpu=True, gradient_accumulation_steps=2))
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,7 @@ def main() -> None:
 
     def iteration(step: int) -> dict[str, float]:
         step_index["value"] = step
-        prompts = [p for p in common.prompt_texts(s, step, s.batch_size // k) for _ in range(k)]
+        prompts = common.prompt_texts(s, step, s.batch_size // k)  # each once: step() samples k responses to each
         t0 = time.perf_counter()
         stats = trainer.step(prompts)
         wall = time.perf_counter() - t0

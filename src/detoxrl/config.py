@@ -107,7 +107,7 @@ class RLConfig:
     samples_per_prompt: int = _f(1, "Responses sampled per prompt (k); rloo and grpo need at least 2.")
     mini_batch_size: int = _f(4, "Rollouts per optimiser step, over all processes.")
     update_epochs: int = _f(1, "Passes over each batch of rollouts.")
-    gradient_accumulation_steps: int = _f(1, "Mini-batches accumulated per optimiser step.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches of one mini-batch accumulated into one optimiser step (rl.mini_batch_size / this rows each).")
     cliprange: float = _f(0.2, "Policy ratio clip.")
     init_kl_coef: float = _f(0.2, "KL coefficient: per-token reward penalty (ppo), sequence reward penalty (rloo), "
                                   "loss weight (grpo).")

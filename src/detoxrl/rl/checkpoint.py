@@ -1,13 +1,16 @@
 """Atomic checkpoints that restore a run exactly, stored without pickle.
 
 A checkpoint is written to a temporary directory and renamed into place, so a crash leaves
-either the previous checkpoints or a complete new one. Tensors go to safetensors files and
-everything else to JSON; loading never unpickles anything.
+either the previous checkpoints or a complete new one. Its files and directory are fsynced before
+the rename, and the parent directory after it and before older checkpoints are deleted, so that a
+power loss cannot leave a renamed but empty checkpoint as the only one. Tensors go to safetensors
+files and everything else to JSON; loading never unpickles anything.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -71,6 +74,15 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, from the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(
     root: Path, keep: int, accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
     state: dict[str, Any],
@@ -100,6 +112,8 @@ def _save(root, keep, target, staging, acc, module, optimizer, scheduler, state)
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, staging / f"rng-{acc.process_index}.safetensors")
     (staging / f"rng-{acc.process_index}.json").write_text(json.dumps(rng_meta))
+    for path in (staging / f"rng-{acc.process_index}.safetensors", staging / f"rng-{acc.process_index}.json"):
+        fsync(path)  # by the rank that wrote it: on a network file system others may not see its cache
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_file(trainable_state(acc.unwrap_model(module)), staging / "trainable.safetensors")
@@ -108,8 +122,12 @@ def _save(root, keep, target, staging, acc, module, optimizer, scheduler, state)
         (staging / "optimizer.json").write_text(json.dumps(opt_meta))
         state = {**state, "scheduler": scheduler.state_dict(), "num_processes": acc.num_processes}
         (staging / COMPLETE).write_text(json.dumps(state))
+        for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", COMPLETE):
+            fsync(staging / name)
+        fsync(staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
+        fsync(root)  # the rename itself, before the older checkpoints it replaces are deleted
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()

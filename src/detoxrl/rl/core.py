@@ -91,9 +91,13 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
     return ((logprobs - ref_logprobs) * mask).sum(dim=1)
 
 
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Schulman's unbiased, always non-negative per-token KL estimator: e^(r) - r - 1, r = log pi_ref - log pi."""
-    log_ratio = ref_logprobs - logprobs
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Schulman's unbiased, always non-negative per-token KL estimator: e^(r) - r - 1, r = log pi_ref - log pi.
+
+    r is 0 on padding before it is exponentiated: there the reference log-prob is 0 but the policy's
+    is not, and e^(-log pi) overflows for log pi below about -88.7, so inf * 0 would make the loss NaN.
+    """
+    log_ratio = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0)
     return torch.exp(log_ratio) - log_ratio - 1
 
 
@@ -113,6 +117,19 @@ def clipped_surrogate(
     return torch.max(unclipped, clipped) * mask, clip_fraction, approx_kl
 
 
+def loss_divisors(mask: torch.Tensor, shares: int, reduce: Reduce = no_reduce) -> dict[str, torch.Tensor]:
+    """The ``divisor`` of aggregate_loss, per normalisation, for one micro-batch of a mini-batch.
+
+    ``mask`` is this process's share of the mini-batch; ``shares`` is how many micro-batch gradients
+    are averaged into one update (processes x accumulation steps: DDP averages over processes and
+    accelerate divides each loss by the accumulation steps). Dividing every micro-batch's sum by the
+    mini-batch's count over all processes / ``shares`` makes that average the gradient of the whole
+    mini-batch's loss (all tokens / all responses), however it is split.
+    """
+    totals = reduce(torch.stack([mask.sum(), mask.new_tensor(len(mask))]).double()).clamp(min=1) / shares
+    return {"token": totals[0].to(mask.dtype), "sequence": totals[1].to(mask.dtype)}
+
+
 def aggregate_loss(
     per_token: torch.Tensor, mask: torch.Tensor, normalization: str, divisor: torch.Tensor | float | None = None
 ) -> torch.Tensor:
@@ -120,9 +137,8 @@ def aggregate_loss(
 
     ``token``: the sum over all real tokens / their number, so long responses weigh more
     (DAPO, and TRL's PPO); ``sequence``: each response's token mean, then the mean over
-    responses (the original GRPO). ``divisor`` overrides the count (tokens or responses): data
-    parallel passes the mean count over processes, so that the all-reduced gradient equals
-    that of one process holding the whole mini-batch.
+    responses (the original GRPO). ``divisor`` overrides the count (tokens or responses): the
+    trainer passes loss_divisors' choice, so that the update is that of the whole mini-batch.
     """
     if normalization == "token":
         return (per_token * mask).sum() / (mask.sum().clamp(min=1) if divisor is None else divisor)

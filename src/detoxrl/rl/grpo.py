@@ -36,7 +36,7 @@ def grpo_losses(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate + kl_coef * k3 KL to the reference, both normalised alike; (loss, statistics)."""
     per_token, clip_fraction, approx_kl = clipped_surrogate(logprobs, old_logprobs, advantages, mask, cliprange)
-    kl = k3_kl(logprobs, ref_logprobs)
+    kl = k3_kl(logprobs, ref_logprobs, mask)
     policy_loss = aggregate_loss(per_token, mask, normalization, divisor)
     kl_loss = aggregate_loss(kl, mask, normalization, divisor)
     stats = {"loss/policy": policy_loss.detach(), "loss/kl": kl_loss.detach(),
@@ -60,7 +60,7 @@ class GRPO:
         stats = {"grpo/flat_group_fraction": float(flat_groups[0] / flat_groups[1])}
         return advantages[:, None] * batch.mask, None, stats
 
-    def loss(self, logprobs, values, mb, advantages, returns, divisor, kl_coef: float):
+    def loss(self, logprobs, values, mb, advantages, returns, divisors, kl_coef: float):
         c = self.config
         return grpo_losses(logprobs, mb.logprobs, mb.ref_logprobs, advantages, mb.mask, c.cliprange, kl_coef,
-                           c.loss_normalization, divisor)
+                           c.loss_normalization, divisors[c.loss_normalization])

@@ -68,17 +68,18 @@ def ppo_losses(
     vf_coef: float,
     divisor: torch.Tensor | float | None = None,
     normalization: str = "token",
+    value_divisor: torch.Tensor | float | None = None,
 ) -> PPOLosses:
     """Clipped surrogate policy loss + vf_coef * clipped value loss.
 
     The policy loss is normalised as ``normalization`` says (detoxrl.rl.core.aggregate_loss);
-    the value loss is always a mean over tokens. ``divisor`` overrides the count (data parallel).
+    the value loss is always a mean over tokens. ``divisor`` overrides the policy loss's count and
+    ``value_divisor`` the value loss's token count (detoxrl.rl.core.loss_divisors).
     """
     per_token, clip_fraction, approx_kl = clipped_surrogate(logprobs, old_logprobs, advantages, mask, cliprange)
     policy_loss = aggregate_loss(per_token, mask, normalization, divisor)
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped, clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
-    value_divisor = divisor if normalization == "token" else None
     value_loss = 0.5 * aggregate_loss(torch.max(unclipped, clipped), mask, "token", value_divisor)
     return PPOLosses(
         loss=policy_loss + vf_coef * value_loss,
@@ -123,11 +124,12 @@ class PPO:
         }
         return advantages, returns, stats
 
-    def loss(self, logprobs, values, mb, advantages, returns, divisor, kl_coef: float):
-        """(loss, statistics) of a mini-batch; the KL is already in the rewards."""
+    def loss(self, logprobs, values, mb, advantages, returns, divisors, kl_coef: float):
+        """(loss, statistics) of a micro-batch; the KL is already in the rewards."""
         c = self.config
         out = ppo_losses(logprobs, mb.logprobs, values, mb.values, advantages, returns, mb.mask, c.cliprange,
-                         c.cliprange_value, c.vf_coef, divisor, c.loss_normalization)
+                         c.cliprange_value, c.vf_coef, divisors[c.loss_normalization], c.loss_normalization,
+                         divisors["token"])
         return out.loss, {"loss/policy": out.policy_loss, "loss/value": out.value_loss,
                           "policy/clipfrac": out.clip_fraction, "policy/approxkl": out.approx_kl,
                           "ppo/val/clipfrac": out.value_clip_fraction}

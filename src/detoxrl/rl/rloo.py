@@ -38,9 +38,10 @@ class RLOO:
         stats = {"rloo/reward_with_kl_mean": float(masked_mean(rewards, reduce=reduce))}
         return advantages[:, None] * batch.mask, None, stats
 
-    def loss(self, logprobs, values, mb, advantages, returns, divisor, kl_coef: float):
-        """(loss, statistics) of a mini-batch; the KL is already in the sequence rewards."""
+    def loss(self, logprobs, values, mb, advantages, returns, divisors, kl_coef: float):
+        """(loss, statistics) of a micro-batch; the KL is already in the sequence rewards."""
+        c = self.config
         per_token, clip_fraction, approx_kl = clipped_surrogate(logprobs, mb.logprobs, advantages, mb.mask,
-                                                                self.config.cliprange)
-        loss = aggregate_loss(per_token, mb.mask, self.config.loss_normalization, divisor)
+                                                                c.cliprange)
+        loss = aggregate_loss(per_token, mb.mask, c.loss_normalization, divisors[c.loss_normalization])
         return loss, {"loss/policy": loss.detach(), "policy/clipfrac": clip_fraction, "policy/approxkl": approx_kl}

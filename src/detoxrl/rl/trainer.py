@@ -28,8 +28,8 @@ from ..rewards import Scorer
 from ..rewards.novelty import bigram_novelty
 from ..rundir import RunDir
 from . import checkpoint
-from .core import AdaptiveKLController, FixedKLController, entropy_from_logits, logprobs_from_logits, masked_mean
-from .core import sampling_logits, sequence_kl
+from .core import AdaptiveKLController, FixedKLController, entropy_from_logits, logprobs_from_logits, loss_divisors
+from .core import masked_mean, sampling_logits, sequence_kl
 from .grpo import GRPO
 from .ppo import PPO
 from .rloo import RLOO
@@ -108,6 +108,11 @@ class RLTrainer:
                 f"({p.samples_per_prompt}) responses over {world} process(es), and rl.mini_batch_size "
                 f"({p.mini_batch_size}) over {world} process(es) x {p.gradient_accumulation_steps} accumulation step(s)"
             )
+        if self.accelerator.gradient_accumulation_steps != p.gradient_accumulation_steps:
+            raise DetoxError(
+                f"the accelerator accumulates {self.accelerator.gradient_accumulation_steps} micro-batch(es) per "
+                f"optimiser step but rl.gradient_accumulation_steps is {p.gradient_accumulation_steps}; make them equal"
+            )
         if len(prompts) < 1:
             raise DetoxError("no training prompts")
         self.local_batch = p.batch_size // world
@@ -146,7 +151,8 @@ class RLTrainer:
 
     # ----------------------------------------------------------------------------- data
     def batch_prompts(self, step: int) -> list[str]:
-        """This process's share of global batch ``step``: whole prompts, each repeated k times in a row.
+        """This process's share of global batch ``step``: its rl.batch_size / k prompts, each once
+        (step() samples the k responses to each).
 
         The order depends only on seed and step, never on the number of processes.
         """
@@ -167,7 +173,7 @@ class RLTrainer:
             indices.append(int(order[offset]))
         local = self.local_batch // k
         rank = self.accelerator.process_index
-        return [i for i in indices[rank * local : (rank + 1) * local] for _ in range(k)]
+        return indices[rank * local : (rank + 1) * local]
 
     def batch_novelty(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """Bigram novelty of this process's responses within the global batch (all processes' responses,
@@ -203,8 +209,8 @@ class RLTrainer:
             stats.update({k: float(masked_mean(torch.tensor(v), reduce=self.reduce)) for k, v in parts.items()})
         else:
             batch.scores = torch.as_tensor(np.asarray([float(r) for r in rewards], dtype=np.float32))
-            if len(batch.scores) != len(prompts) or not torch.isfinite(batch.scores).all():
-                raise DetoxError(f"rewards must be {len(prompts)} finite numbers, one per prompt")
+            if not torch.isfinite(batch.scores).all():
+                raise DetoxError(f"rewards must be {len(prompts)} finite numbers, one per response")
         batch.scores = batch.scores.to(batch.mask.device)
         stats["time/reward"] = time.perf_counter() - tick
 
@@ -220,16 +226,25 @@ class RLTrainer:
     ) -> dict[str, float]:
         """One iteration on this process's prompts; returns the logged statistics.
 
-        By default the policy samples the responses and the scorer rewards them. ``responses``
-        (strings made elsewhere) and ``rewards`` (one number per prompt) replace either step, as
-        in the recipe's ``ppo_trainer.step(query, response, reward)``. For rloo and grpo the
-        prompts come in groups of ``rl.samples_per_prompt`` consecutive copies. ``references``
-        (one per prompt) feed reward.fidelity_weight.
+        Each prompt is given once: step() repeats it ``rl.samples_per_prompt`` (k) times in a row, so
+        that it gets k responses and rloo's and grpo's baselines compare only responses to the same
+        prompt. By default the policy samples the responses and the scorer rewards them.
+        ``responses`` (strings made elsewhere) and ``rewards`` (numbers) replace either step, as in
+        the recipe's ``ppo_trainer.step(query, response, reward)``; both are one per response,
+        ``len(prompts) * k`` of them, the k responses to ``prompts[i]`` at ``i * k`` to ``i * k + k - 1``.
+        ``references`` (one per prompt) feed reward.fidelity_weight.
         """
-        p = self.config.rl
-        if len(prompts) % p.samples_per_prompt or not prompts:
-            raise DetoxError(f"step() needs whole groups of rl.samples_per_prompt ({p.samples_per_prompt}) prompts, "
-                             f"got {len(prompts)}")
+        p, k = self.config.rl, self.config.rl.samples_per_prompt
+        if not prompts:
+            raise DetoxError("step() needs at least one prompt")
+        for name, given in (("responses", responses), ("rewards", rewards)):
+            if given is not None and len(given) != len(prompts) * k:
+                raise DetoxError(f"{name} must be one per response: {len(prompts)} prompt(s) x rl.samples_per_prompt "
+                                 f"({k}) = {len(prompts) * k}, got {len(given)}")
+        if references is not None and len(references) != len(prompts):
+            raise DetoxError(f"references must be one per prompt: {len(prompts)}, got {len(references)}")
+        prompts = [x for x in prompts for _ in range(k)]
+        references = None if references is None else [x for x in references for _ in range(k)]
         tick = time.perf_counter()
         batch, stats = self.rollout(prompts, responses, rewards, references)
 
@@ -257,39 +272,59 @@ class RLTrainer:
     def optimise(
         self, batch: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None, kl_coef: float
     ) -> list[dict[str, torch.Tensor]]:
-        p, g = self.config.rl, self.config.generation
-        eos = self.policy.eos_token_ids
+        """Clipped updates, one per mini-batch: each process's share of it in micro-batches whose losses
+        are divided by the mini-batch's count over all processes (loss_divisors), so the update is the
+        whole mini-batch's whatever the processes and accumulation steps."""
         collected = []
         n = len(batch.responses)
-        world = self.accelerator.num_processes
-        for epoch in range(p.update_epochs):
+        accumulation = self.accelerator.gradient_accumulation_steps
+        shares = self.accelerator.num_processes * accumulation
+        for epoch in range(self.config.rl.update_epochs):
             # Seeded by step and epoch, not by the RNG state, so a resumed run shuffles the same way.
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 7919 * self.step_count + epoch))
-            for start in range(0, n, self.micro_batch):
-                index = order[start : start + self.micro_batch]
-                mb = batch.select(index)
-                T = mb.response_ids.shape[1]
-                count = mb.mask.sum() if p.loss_normalization == "token" else torch.tensor(float(len(index)))
-                divisor = masked_mean(count.float(), reduce=self.reduce) if world > 1 else None
-                with self.accelerator.accumulate(self.module), self.accelerator.autocast():
-                    out = self.module(mb.query_ids, mb.query_mask, mb.response_ids)
-                    logits = sampling_logits(out.logits, g.temperature, g.min_new_tokens, eos)
-                    logprobs = logprobs_from_logits(logits, mb.response_ids)
-                    values = out.values.float() if out.values is not None else None
-                    loss, stats = self.algorithm.loss(
-                        logprobs, values, mb, advantages[index, :T],
-                        returns[index, :T] if returns is not None else None, divisor, kl_coef,
-                    )
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients:
-                        self.accelerator.clip_grad_norm_(self.module.parameters(), p.max_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad()
-                with torch.no_grad():
-                    stats["objective/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mb.mask)
-                collected.append(stats)
+            for rows in order.split(self.micro_batch * accumulation):
+                divisors = loss_divisors(batch.mask[rows], shares, self.reduce)
+                for index in rows.split(self.micro_batch):
+                    collected.append(self.micro_step(batch, index, advantages, returns, divisors, kl_coef))
         return collected
+
+    def micro_step(
+        self, batch: Rollout, index: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor | None,
+        divisors: dict[str, torch.Tensor], kl_coef: float,
+    ) -> dict[str, torch.Tensor]:
+        """Forward and backward of rows ``index``; the optimiser steps after the last micro-batch of a mini-batch."""
+        p, g = self.config.rl, self.config.generation
+        mb = batch.select(index)
+        T = mb.response_ids.shape[1]
+        with self.accelerator.accumulate(self.module), self.accelerator.autocast():
+            out = self.module(mb.query_ids, mb.query_mask, mb.response_ids)
+            logits = sampling_logits(out.logits, g.temperature, g.min_new_tokens, self.policy.eos_token_ids)
+            logprobs = logprobs_from_logits(logits, mb.response_ids)
+            values = out.values.float() if out.values is not None else None
+            loss, stats = self.algorithm.loss(
+                logprobs, values, mb, advantages[index, :T],
+                returns[index, :T] if returns is not None else None, divisors, kl_coef,
+            )
+            self.check_finite(loss, stats)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.module.parameters(), p.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        with torch.no_grad():
+            stats["objective/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mb.mask)
+        return stats
+
+    def check_finite(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        """Stop before a NaN or infinite loss reaches backward, which would spread it to every adapter weight.
+
+        The verdict is reduced over processes, so that all stop together and none waits in backward.
+        """
+        if self.reduce((~torch.isfinite(loss.detach())).float().reshape(1)).item():
+            terms = ", ".join(k for k, v in stats.items() if k.startswith("loss/") and not torch.isfinite(v).all())
+            raise DetoxError(f"step {self.step_count + 1}: the loss is not finite ({terms or 'on another process'}); "
+                             "stopped before the optimiser step, so it never reached the adapter")
 
     def summarise(
         self, batch: Rollout, advantages: torch.Tensor, update_stats: list[dict[str, torch.Tensor]], mean_kl: float
