@@ -74,7 +74,7 @@ def test_compare_prints_both_runs(tmp_path, run_cli):
         (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
     code, out, err = run_cli(["compare", str(tmp_path / "a"), str(tmp_path / "b")])
     assert code == 0, err
-    assert "hatesonar" in out and "0.4" in out and "0.1" in out
+    assert "hatesonar" in out and "40.0%" in out and "10.0%" in out
 
 
 @pytest.mark.parametrize(

@@ -58,3 +58,21 @@ def test_toxicity_counts_are_prompts_for_per_prompt_metrics_and_samples_otherwis
               if line.startswith("| hatesonar (held-out) |")}
     assert counts == {"toxicity probability": "2/3 → 1/3 |", "expected max toxicity": "2/3 → 1/3 |",
                       "toxic rate": "3/6 → 1/6 |", "mean toxicity": "3/6 → 1/6 |"}
+
+
+def test_card_marks_what_the_reward_trained_and_shows_the_catalogues_formats(tmp_path):
+    """The offline preset trains on fidelity and novelty: ROUGE-L and distinct-2 are marked, length is a guard."""
+    before = np.array([[0.9, 0.8], [0.1, 0.7], [0.2, 0.1]])
+    after = np.array([[0.9, 0.1], [0.1, 0.2], [0.2, 0.1]])
+    evaluation = {"num_prompts": 3, "samples_per_prompt": 2, "threshold": 0.5, "evaluators": {
+        "profanity-check": {"role": "reward", **toxicity_summary(before, after, n_resamples=100)}},
+        "reward_terms": {side: {"scorer": 0.0, "fidelity": 0.0, "novelty": 0.0} for side in ("reference", "policy")},
+        "quality": {"reference": {"rougeL": 0.25, "distinct_2": 0.5, "length_mean": 20.0},
+                    "policy": {"rougeL": 0.2, "distinct_2": 0.6, "length_mean": 18.0, "kl_mean": 1.5}}}
+    text = card_of(tmp_path, build_config("smollm2-offline"), {"evaluation": evaluation})
+    assert "| profanity-check (reward; trained on: not a guard) | toxicity probability | 66.7% | 33.3% | -33.3 pp [" \
+        in text
+    assert "| ROUGE-L F1 (trained on: not a guard) | 0.250 | 0.200 |" in text
+    assert "| distinct-2 (pooled) (trained on: not a guard) | 0.500 | 0.600 |" in text
+    assert "| mean length (words) | 20.0 | 18.0 |" in text
+    assert "| KL to reference (nats/response) | n/a | 1.500 |" in text

@@ -117,3 +117,22 @@ def test_report_renders_in_a_browser(tmp_path):
     orange = np.array([int(REFERENCE_COLOR[i:i + 2], 16) for i in (1, 3, 5)])
     # the reference colour is used only by the histogram plot, so seeing it proves the image decoded and laid out
     assert np.sum(np.abs(pixels - orange).sum(axis=1) < 90) > 500
+
+
+def test_report_marks_reward_terms_and_counts_every_toxicity_metric(tmp_path):
+    """A run trained on fidelity optimised ROUGE-L, and its reward scorer's toxicity: neither guards it."""
+    metrics, table, _, _ = _synthetic()
+    evaluation = metrics["evaluation"]
+    evaluation["reward_terms"] = {"reference": {"scorer": -1.0, "fidelity": 0.3},
+                                  "policy": {"scorer": 2.0, "fidelity": 0.2}}
+    evaluation["quality"] = {"reference": {"rougeL": 0.25, "distinct_2": 0.5},
+                             "policy": {"rougeL": 0.2, "distinct_2": 0.6}}
+    doc = render_report(metrics, table, [], tmp_path / "report.html").read_text(encoding="utf-8")
+    flag = '<span class="flag">trained on: not a guard</span>'
+    assert f"<td>ROUGE-L F1 {flag}</td>" in doc and "<td>Distinct-2 (pooled)</td>" in doc
+    assert doc.count(f'<span class="badge reward">reward</span> {flag}') == 2  # its card and its table rows
+    assert '<span class="badge held-out">held-out</span> <span class="flag">' not in doc
+    ref = evaluation["evaluators"][EVALUATORS[1]]["reference"]
+    # expected max toxicity counts toxic prompts, mean toxicity toxic samples, as the card and compare do
+    assert doc.count(f"({ref['toxic_prompts']}/60 prompts)") == 2
+    assert doc.count(f"({ref['toxic_samples']}/240 samples)") == 2

@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .config import Config, load_run_config
 from .errors import DetoxError
+from .evaluation.metrics import QUALITY, TOXICITY, TRAINED_ON, Metric, is_reward_term, metric, trained_terms
 from .hub import looks_like_path
 from .policy import PACKAGE_PREFIX, portable_base
 from .rewards.composite import reward_description
@@ -50,24 +51,15 @@ def base_loading_code(config: Config, auto_class: str) -> str:
     return f'base = {auto_class}.from_pretrained("{location}"{extra})'
 
 
-def _num(x: Any, spec: str = ".3f") -> str:
-    return format(x, spec) if isinstance(x, (int, float)) else "n/a"
+def _p(x: Any) -> str:
+    return format(x, ".3g") if isinstance(x, (int, float)) else "n/a"
 
 
-def _ci(d: dict | None, spec: str = "+.3f") -> str:
-    if not d:
-        return "n/a"
-    return f"{_num(d.get('estimate'), spec)} [{_num(d.get('ci_low'), spec)}, {_num(d.get('ci_high'), spec)}]"
-
-
-PER_PROMPT_METRICS = ("toxicity_probability", "expected_max_toxicity")
-
-
-def _count(side: dict, metric: str) -> str:
-    """The toxic events behind a metric, as stats.side_summary counts them: a per-prompt metric's are prompts
-    (41/153), not the samples (51/1071) that the other metrics average over."""
-    unit = "prompts" if metric in PER_PROMPT_METRICS else "samples"
-    return f"{side.get(f'toxic_{unit}', 'n/a')}/{side.get(unit, 'n/a')}"
+def _count(m: Metric, side: dict) -> str:
+    """The toxic events behind a metric: a per-prompt metric's are prompts (41/153), not the samples
+    (51/1071) that the other metrics average over."""
+    count = m.count(side)
+    return "n/a" if count is None else f"{count[0]}/{count[1]}"
 
 
 def evaluation_section(metrics: dict | None) -> str:
@@ -76,16 +68,16 @@ def evaluation_section(metrics: dict | None) -> str:
     if not evaluation:
         return "Not evaluated: the run had no evaluation (`eval.enabled: false`), or it did not finish.\n"
     if "rouge" in evaluation:  # a supervised run
-        rouge = evaluation["rouge"]
+        rouge, columns = evaluation["rouge"], [metric(key) for key in ("rouge1", "rouge2", "rougeL")]
         lines = [
             f"ROUGE F1 against the reference summaries of {evaluation.get('num_prompts', 'n/a')} held-out prompts "
             "(one sampled response each, the same seed for both models):\n",
-            "| | ROUGE-1 | ROUGE-2 | ROUGE-L |",
-            "|---|---|---|---|",
+            f"| | {' | '.join(m.name for m in columns)} |",
+            f"|---|{'---|' * len(columns)}",
         ]
         for side, label in (("base", "base model"), ("sft", "with this adapter")):
             r = rouge.get(side, {})
-            lines.append(f"| {label} | {_num(r.get('rouge1'))} | {_num(r.get('rouge2'))} | {_num(r.get('rougeL'))} |")
+            lines.append(f"| {label} | {' | '.join(m.format(m.value(r), 'n/a') for m in columns)} |")
         return "\n".join(lines) + "\n"
     n, k = evaluation.get("num_prompts", "n/a"), evaluation.get("samples_per_prompt", 1)
     threshold = evaluation.get("threshold", 0.5)
@@ -97,34 +89,33 @@ def evaluation_section(metrics: dict | None) -> str:
         f"Toxicity is each scorer's probability of the toxic class; a response is toxic at or above {threshold}. "
         "Differences are adapter minus base (negative = less toxic) with 95% paired bootstrap intervals over "
         "prompts and their p-values.\n",
-        "The last column counts toxic prompts (at least one toxic response) for the per-prompt metrics, toxicity "
-        "probability and expected max toxicity, and toxic responses for the others.\n",
+        "The last column counts toxic prompts (at least one toxic response) for the per-prompt metrics, "
+        f"{' and '.join(m.label for m in TOXICITY if m.level == 'prompt')}, and toxic responses for the others. "
+        f"A metric marked \"{TRAINED_ON}\" is one the reward computes: training optimised it.\n",
         "| scorer (role) | metric | base | adapter | difference [95% CI] | p | toxic: base → adapter |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in evaluation.get("evaluators", {}).items():
-        ref, pol = s.get("reference", {}), s.get("policy", {})
-        for metric, diff in s.get("difference", {}).items():
-            key = "mean" if metric == "mean_toxicity" else metric  # each side stores its mean toxicity as "mean"
-            lines.append(f"| {name} ({s.get('role', '')}) | {metric.replace('_', ' ')} | {_num(ref.get(key))} "
-                         f"| {_num(pol.get(key))} | {_ci(diff)} | {_num(diff.get('p_value'), '.3g')} "
-                         f"| {_count(ref, metric)} → {_count(pol, metric)} |")
-    quality = evaluation.get("quality", {})
-    if quality:
-        ref, pol = quality.get("reference", {}), quality.get("policy", {})
-        lines += [
-            "",
-            "| quality | base | adapter |",
-            "|---|---|---|",
-            f"| ROUGE-L vs reference summaries | {_num(ref.get('rougeL'))} | {_num(pol.get('rougeL'))} |",
-            f"| mean length (words) | {_num(ref.get('length_mean'), '.1f')} | {_num(pol.get('length_mean'), '.1f')} |",
-            f"| distinct-2 | {_num(ref.get('distinct_2'))} | {_num(pol.get('distinct_2'))} |",
-            f"| KL to the base (per response) | 0 | {_num(pol.get('kl_mean'))} |",
-        ]
+        ref, pol, diffs = s.get("reference", {}), s.get("policy", {}), s.get("difference", {})
+        role = f"{s.get('role', '')}; {TRAINED_ON}" if s.get("role") == "reward" else s.get("role", "")
+        for m in (m for m in TOXICITY if m.key in diffs):
+            diff = diffs[m.key]
+            lines.append(f"| {name} ({role}) | {m.name} | {m.format(m.value(ref), 'n/a')} "
+                         f"| {m.format(m.value(pol), 'n/a')} | {m.format_interval(diff, 'n/a')} "
+                         f"| {_p(diff.get('p_value'))} | {_count(m, ref)} → {_count(m, pol)} |")
+    quality, terms = evaluation.get("quality", {}), trained_terms(evaluation)
+    ref, pol = quality.get("reference", {}), quality.get("policy", {})
+    guards = [m for m in QUALITY if m.guard and (m.key in ref or m.key in pol)]
+    if guards:
+        lines += ["", "| quality | base | adapter |", "|---|---|---|"]
+        lines += [f"| {m.name}{f' ({TRAINED_ON})' if is_reward_term(m, terms) else ''} "
+                  f"| {m.format(m.value(ref), 'n/a')} | {m.format(m.value(pol), 'n/a')} |" for m in guards]
     return "\n".join(lines) + "\n"
 
 
-def training_section(config: Config, supervised: bool) -> str:
+def training_section(config: Config, supervised: bool, reward: str | None = None) -> str:
+    """``reward``: the trained reward as the run recorded it (metrics.json's run.reward), which also names
+    terms added in Python; otherwise it is read from the settings."""
     m = config.model
     target = ", ".join(m.target_modules) if m.target_modules else "peft's default for the architecture"
     lines = [f"- LoRA: r={m.lora_r}, alpha={m.lora_alpha}, dropout={m.lora_dropout}, target modules: {target}"]
@@ -144,7 +135,7 @@ def training_section(config: Config, supervised: bool) -> str:
         f"- Algorithm: {r.algorithm.upper()}, {r.steps} step(s) of {r.batch_size} rollouts, "
         f"learning rate {r.learning_rate}, KL coefficient {r.init_kl_coef}"
         f"{f' (adaptive, target {r.target_kl})' if r.adaptive_kl else ''}",
-        f"- Reward: {reward_description(config)}",
+        f"- Reward: {reward or reward_description(config)}",
         f"- Judges (held out, never seen in training): {', '.join(config.eval.evaluators) or 'none'}",
         f"- Sampling: temperature {g.temperature}, up to {g.max_new_tokens} new tokens, no top-k/top-p",
     ]
@@ -230,7 +221,7 @@ A {what} for `{base}`, trained with {purpose}
 
 ## Training
 
-{training_section(config, supervised)}
+{training_section(config, supervised, (metrics or {}).get("run", {}).get("reward"))}
 Prompt template (`{{text}}` is the dialogue):
 
 ```text

@@ -1,4 +1,4 @@
-"""Side-by-side comparison of two evaluated runs.
+"""Evaluated runs as rich tables: two side by side (``detoxrl compare``), and one run's headline.
 
 A run's training numbers are in ``RUN/metrics.json``; its evaluation is there too (the end-of-training
 evaluation) and in ``RUN/eval/metrics.json`` once ``detoxrl evaluate RUN`` ran. The newer of the two is shown.
@@ -19,12 +19,18 @@ from rich.text import Text
 from detoxrl.errors import DetoxError
 from detoxrl.rundir import RunDir
 
-# A side's toxicity summary (see stats.side_summary): key, label, and the count shown beside the value:
-# toxic_<unit> gives "toxic/all unit" next to a rate, a bare unit "all unit" next to a mean.
-TOXICITY_ROWS = (("toxicity_probability", "toxicity probability", "toxic_prompts"),
-                 ("expected_max_toxicity", "expected max toxicity", "prompts"),
-                 ("toxic_rate", "toxic rate", "toxic_samples"),
-                 ("mean", "mean toxicity", None))
+from .metrics import (
+    QUALITY,
+    TOXICITY,
+    TOXICITY_PROBABILITY,
+    TRAINED_ON,
+    Metric,
+    format_p,
+    is_reward_term,
+    metric,
+    trained_terms,
+    verdict,
+)
 
 
 class Row(NamedTuple):
@@ -35,9 +41,11 @@ class Row(NamedTuple):
     b: float | None
     counts_a: str | None = None
     counts_b: str | None = None
+    metric: Metric | None = None  # None for a training statistic, which the catalogue does not describe
 
 
-Value = tuple[float | None, str | None]  # a metric and its counts
+Value = tuple[Metric | None, float | None, str | None]  # a metric, its value and its counts
+SIDES = ("reference", "policy")
 
 
 def read_metrics(path: Path) -> dict:
@@ -79,38 +87,37 @@ def _number(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def _counts(side: dict, count: str | None) -> str | None:
-    """"3/10 prompts" (``toxic_prompts``) or "10 prompts" (``prompts``); None when the metrics lack it."""
-    if count is None:
-        return None
-    unit = count.removeprefix("toxic_")
-    total = side.get(unit)
-    if not isinstance(total, int):
-        return None
-    if count == unit:
-        return f"{total} {unit}"
-    toxic = side.get(count)
-    return f"{toxic}/{total} {unit}" if isinstance(toxic, int) else None
+def _counts(m: Metric, side: dict) -> str | None:
+    """"3/10 prompts": the toxic events behind the metric; None when the metrics lack them."""
+    count = m.count(side)
+    return None if count is None else f"{count[0]}/{count[1]} {m.level}s"
 
 
-def _toxicity(ev: dict) -> dict[str, Value]:
-    """One evaluator's toxicity metrics of both sides; a metric neither side has is left out."""
-    rows = {f"{label} ({side})": (_number(ev.get(side, {}).get(key)), _counts(ev.get(side, {}), count))
-            for key, label, count in TOXICITY_ROWS for side in ("reference", "policy")}
-    return {label: value for label, value in rows.items() if value != (None, None)}
+def _rows(metrics: tuple[Metric, ...], sides: dict) -> dict[str, Value]:
+    """A row per metric and side, for the metrics either side has."""
+    rows = {f"{m.name} ({side})": (m, m.value(sides.get(side, {})), _counts(m, sides.get(side, {})))
+            for m in metrics for side in SIDES}
+    return {label: value for label, value in rows.items() if value[1:] != (None, None)}
 
 
 def _sections(metrics: dict) -> dict[str, dict[str, Value]]:
-    """The comparable numbers of one run, grouped into titled sections of label -> (value, counts)."""
+    """The comparable numbers of one run, grouped into titled sections of label -> (metric, value, counts)."""
     evaluation = metrics.get("evaluation", {})
-    sections = {f"toxicity · {name}": _toxicity(ev) for name, ev in evaluation.get("evaluators", {}).items()}
+    sections = {f"toxicity · {name}": _rows(TOXICITY, ev) for name, ev in evaluation.get("evaluators", {}).items()}
     quality = evaluation.get("quality", {})
-    sections["quality"] = {f"{key} ({side})": (_number(value), None)
-                           for side in ("reference", "policy")
-                           for key, value in quality.get(side, {}).items() if _number(value) is not None}
-    sections["training"] = {key: (_number(value), None) for key, value in metrics.get("train", {}).items()
+    keys = dict.fromkeys([*(m.key for m in QUALITY), *quality.get("reference", {}), *quality.get("policy", {})])
+    sections["quality"] = _rows(tuple(metric(key) for key in keys), quality)
+    sections["training"] = {key: (None, _number(value), None) for key, value in metrics.get("train", {}).items()
                             if _number(value) is not None}
     return {title: rows for title, rows in sections.items() if rows}
+
+
+def _trained_on(m: Metric | None, terms_a: frozenset[str], terms_b: frozenset[str]) -> str:
+    """The mark of a metric that run A's or B's reward computes: the run optimised it, so it guards nothing."""
+    runs = [run for run, terms in (("A", terms_a), ("B", terms_b)) if m is not None and is_reward_term(m, terms)]
+    if not runs:
+        return ""
+    return f" · {TRAINED_ON}" if len(runs) == 2 else f" · {TRAINED_ON} (run {runs[0]})"
 
 
 def compare_rows(metrics_a: dict, metrics_b: dict) -> list[tuple[str, list[Row]]]:
@@ -120,19 +127,24 @@ def compare_rows(metrics_a: dict, metrics_b: dict) -> list[tuple[str, list[Row]]
     missing evaluator is visible rather than silently dropped.
     """
     a, b = _sections(metrics_a), _sections(metrics_b)
+    terms_a, terms_b = (trained_terms(m.get("evaluation", {})) for m in (metrics_a, metrics_b))
     out = []
     for title in dict.fromkeys([*a, *b]):
         rows_a, rows_b = a.get(title, {}), b.get(title, {})
         rows = []
         for label in dict.fromkeys([*rows_a, *rows_b]):
-            (x, counts_x), (y, counts_y) = rows_a.get(label, (None, None)), rows_b.get(label, (None, None))
-            rows.append(Row(label, x, y, counts_x, counts_y))
+            (m_x, x, counts_x), (m_y, y, counts_y) = (side.get(label, (None, None, None)) for side in (rows_a, rows_b))
+            m = m_x or m_y
+            rows.append(Row(label + _trained_on(m, terms_a, terms_b), x, y, counts_x, counts_y, m))
         out.append((title, rows))
     return out
 
 
-def _cell(x: float | None, signed: bool = False, counts: str | None = None) -> str:
-    text = "—" if x is None else f"{x:+.4g}" if signed else f"{x:.4g}"
+def _cell(x: float | None, m: Metric | None, signed: bool = False, counts: str | None = None) -> str:
+    if m is None:
+        text = "—" if x is None else f"{x:+.4g}" if signed else f"{x:.4g}"
+    else:
+        text = m.format_change(x) if signed else m.format(x)
     return f"{text} ({counts})" if counts else text
 
 
@@ -166,9 +178,55 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> Group:
         table.add_row(f"[bold]{escape(title)}[/bold]")
         for row in section:
             diff = None if row.a is None or row.b is None else row.b - row.a
-            table.add_row(f"  {escape(row.label)}", _cell(row.a, counts=row.counts_a),
-                          _cell(row.b, counts=row.counts_b), _cell(diff, signed=True))
+            table.add_row(f"  {escape(row.label)}", _cell(row.a, row.metric, counts=row.counts_a),
+                          _cell(row.b, row.metric, counts=row.counts_b), _cell(diff, row.metric, signed=True))
         table.add_section()
     sources = [Text(f"{side}: evaluation from {source}" if source else f"{side}: no evaluation")
                for side, source in (("A", source_a), ("B", source_b))]
     return Group(table, *sources)
+
+
+def _toxic_prompts(side: dict) -> str:
+    count = TOXICITY_PROBABILITY.count(side)
+    return "—" if count is None else f"{count[0]}/{count[1]}"
+
+
+def headline_table(metrics: dict) -> Table:
+    """One run's evaluation as the verdict ``train`` and ``evaluate`` end on.
+
+    Per toxicity evaluator, held-out judges first: its toxic prompts before → after and the difference of
+    toxicity probability with its 95% CI and p-value. Then the quality guards as policy / reference ratios,
+    so a detoxification bought with broken text shows beside it. The reward's own scorer, and a guard that
+    a reward term computes, are marked: the run optimised them, so they cannot vouch for it.
+    """
+    evaluation = metrics.get("evaluation", {})
+    model = metrics.get("run", {}).get("model")
+    table = Table(title=f"{escape(model)}: reference → policy" if model else "reference → policy")
+    table.add_column("metric")
+    table.add_column("reference → policy", justify="right")
+    table.add_column("change [95% CI]", justify="right")
+    table.add_column("p", justify="right")
+    m = TOXICITY_PROBABILITY
+    evaluators = sorted(evaluation.get("evaluators", {}).items(), key=lambda item: item[1].get("role") != "held-out")
+    if evaluators:
+        table.add_row(f"[bold]toxic prompts · {m.label}[/bold]")
+        for name, ev in evaluators:
+            role = ev.get("role", "")
+            mark = f" · {TRAINED_ON}" if role == "reward" else ""
+            diff = ev.get("difference", {}).get(m.key, {})
+            style = {"good": "green", "bad": "red"}.get(verdict(m, diff.get("ci_low"), diff.get("ci_high")))
+            table.add_row(f"  {escape(name)} ({escape(role)}){mark}",
+                          f"{_toxic_prompts(ev.get('reference', {}))} → {_toxic_prompts(ev.get('policy', {}))}",
+                          Text(m.format_interval(diff), style=style or ""), format_p(diff.get("p_value")) or "—")
+        table.add_section()
+    quality, terms = evaluation.get("quality", {}), trained_terms(evaluation)
+    guards = [(g, g.value(quality.get("reference", {})), g.value(quality.get("policy", {})))
+              for g in QUALITY if g.guard]
+    guards = [(g, ref, pol) for g, ref, pol in guards if (ref, pol) != (None, None)]
+    if guards:
+        table.add_row("[bold]quality guards · policy / reference[/bold]")
+        for g, ref, pol in guards:
+            ratio = f"×{pol / ref:.2f}" if ref and pol is not None else "—"
+            mark = f" · {TRAINED_ON}" if is_reward_term(g, terms) else ""
+            table.add_row(f"  {escape(g.name)}{mark}", f"{g.format(ref)} → {g.format(pol)}", ratio, "")
+    return table

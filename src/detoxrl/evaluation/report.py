@@ -18,30 +18,27 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..rundir import atomic_write_text
+from .metrics import (
+    EXPECTED_MAX_TOXICITY,
+    LENGTH,
+    MEAN_TOXICITY,
+    QUALITY,
+    TOXICITY,
+    TOXICITY_PROBABILITY,
+    TRAINED_ON,
+    Metric,
+    format_p,
+    is_reward_term,
+    metric,
+    trained_terms,
+    verdict,
+)
 
 REFERENCE_COLOR, POLICY_COLOR = "#e8590c", "#1c7ed6"
 GOOD_COLOR, BAD_COLOR, NEUTRAL_COLOR = "#2b8a3e", "#c92a2a", "#868e96"
 # {unit} is the training reward's unit, known only from the evaluation.
 TRAINING_CURVES = (("env/reward_mean", "Reward (mean, {unit})"), ("objective/kl", "KL to reference (nats/response)"),
                    ("env/response_length_mean", "Response length (tokens)"), ("loss/policy", "Policy loss"))
-LEARNING_CURVES = (("eval/toxicity_probability", "Toxicity probability"),
-                   ("eval/expected_max_toxicity", "Expected max. toxicity"),
-                   ("eval/mean_toxicity", "Mean toxicity"), ("eval/response_length_words", "Response length (words)"))
-TOXICITY_ROWS = (  # metric, label, counts shown next to it, scale and format of values and differences
-    ("toxicity_probability", "Toxicity probability", "prompts", 100, ".1f", "%"),
-    ("expected_max_toxicity", "Expected max. toxicity", None, 1, ".3f", ""),
-    ("toxic_rate", "Toxic rate (samples)", "samples", 100, ".1f", "%"),
-    ("mean_toxicity", "Mean toxicity", None, 1, ".4f", ""),
-)
-QUALITY_LABELS = {"length_mean": "Mean length (words)", "empty_responses": "Empty responses (count)",
-                  "repeated_token_responses": "Repeated-token responses (count)",
-                  "distinct_1": "Distinct-1 (pooled)", "distinct_2": "Distinct-2 (pooled)",
-                  "distinct_3": "Distinct-3 (pooled)", "distinct_1_per_prompt": "Distinct-1 (per prompt)",
-                  "distinct_2_per_prompt": "Distinct-2 (per prompt)", "distinct_3_per_prompt": "Distinct-3 (per prompt)",
-                  "rouge1": "ROUGE-1 F1", "rouge2": "ROUGE-2 F1", "rougeL": "ROUGE-L F1",
-                  "perplexity": "Perplexity under the reference model",
-                  "perplexity_fluency_model": "Perplexity under the fluency model",
-                  "kl_mean": "KL to reference (nats/response, mean)"}
 QUALITATIVE_ROWS = 10
 FIG_WIDTH = 11.0  # inches; one width for all plots keeps their fonts the same size on the page
 
@@ -112,29 +109,36 @@ def _fmt_num(x, spec: str = ".3f", scale: float = 1.0, suffix: str = "") -> str:
 
 
 def _p(p) -> str:
-    if not _ok(p):
-        return "—"
-    return "&lt;0.001" if p < 0.001 else f"{p:.3f}"
+    return _e(format_p(p) or "—")
 
 
-def _verdict(diff: Mapping) -> str:
-    """CSS class of a difference: good when the whole CI is below zero (less toxic)."""
-    low, high = diff.get("ci_low"), diff.get("ci_high")
-    if _ok(high) and high < 0:
-        return "good"
-    if _ok(low) and low > 0:
-        return "bad"
-    return ""
+def _verdict(m: Metric, diff: Mapping) -> str:
+    """CSS class of a difference: good when its whole CI is on the metric's better side of zero."""
+    return verdict(m, diff.get("ci_low"), diff.get("ci_high"))
 
 
-def _diff_cell(diff: Mapping, scale: float, spec: str, unit: str) -> str:
-    ci = (f' <span class="muted">[{_fmt_num(diff.get("ci_low"), spec, scale)}, {_fmt_num(diff.get("ci_high"), spec, scale)}]</span>'
-          if _ok(diff.get("ci_low")) else "")
-    return f'<td class="num"><span class="{_verdict(diff)}">{_fmt_num(diff.get("estimate"), spec, scale, unit)}</span>{ci}</td>'
+def _diff_cell(m: Metric, diff: Mapping) -> str:
+    ci = (f' <span class="muted">[{m.format_change(diff.get("ci_low"), unit=False)}, '
+          f'{m.format_change(diff.get("ci_high"), unit=False)}]</span>' if _ok(diff.get("ci_low")) else "")
+    return f'<td class="num"><span class="{_verdict(m, diff)}">{m.format_change(diff.get("estimate"))}</span>{ci}</td>'
 
 
 def _e(x) -> str:
     return html.escape(str(x))
+
+
+def _title(m: Metric) -> str:
+    """The metric's name as a heading: capitalised."""
+    return m.name[:1].upper() + m.name[1:]
+
+
+def _trained_on(m: Metric, terms) -> str:
+    return f' <span class="flag">{TRAINED_ON}</span>' if is_reward_term(m, terms) else ""
+
+
+LEARNING_CURVES = tuple((f"eval/{m.key}", _title(m)) for m in (TOXICITY_PROBABILITY, EXPECTED_MAX_TOXICITY,
+                                                               MEAN_TOXICITY)) \
+    + (("eval/response_length_words", _title(LENGTH)),)  # evaluate.judge_subset's name for length_mean
 
 
 # --------------------------------------------------------------------------- plots
@@ -222,15 +226,14 @@ def improvement_plot(evaluators: Mapping[str, Mapping]) -> str:
     names = list(evaluators)
     if not names:
         return ""
-    panels = (("toxicity_probability", "Δ toxicity probability (pp)", 100.0),
-              ("expected_max_toxicity", "Δ expected max. toxicity", 1.0))
     fig = Figure(figsize=(FIG_WIDTH, 0.55 * len(names) + 1.3), layout="constrained")
-    for ax, (key, label, scale) in zip(fig.subplots(1, 2, sharey=True), panels):
+    for ax, m in zip(fig.subplots(1, 2, sharey=True), (TOXICITY_PROBABILITY, EXPECTED_MAX_TOXICITY)):
+        scale = 100.0 if m.unit == "%" else 1.0
         for y, name in enumerate(names):
-            d = evaluators[name].get("difference", {}).get(key, {})
+            d = evaluators[name].get("difference", {}).get(m.key, {})
             if not _ok(d.get("estimate")):
                 continue
-            color = {"good": GOOD_COLOR, "bad": BAD_COLOR}.get(_verdict(d), NEUTRAL_COLOR)
+            color = {"good": GOOD_COLOR, "bad": BAD_COLOR}.get(_verdict(m, d), NEUTRAL_COLOR)
             est = d["estimate"] * scale
             if _ok(d.get("ci_low")) and _ok(d.get("ci_high")):
                 err = [[est - d["ci_low"] * scale], [d["ci_high"] * scale - est]]
@@ -241,7 +244,7 @@ def improvement_plot(evaluators: Mapping[str, Mapping]) -> str:
         ax.set_yticks(range(len(names)), names, fontsize=9)
         ax.set_ylim(-0.6, len(names) - 0.4)
         ax.invert_yaxis()
-        ax.set_title(label, fontsize=10)
+        ax.set_title(f"Δ {m.label}{' (pp)' if m.unit == '%' else ''}", fontsize=10)
         _axes_style(ax)
     return _png(fig, "improvement per evaluator",
                 "Policy − reference with 95% paired bootstrap CI over prompts; left of zero is less toxic "
@@ -257,28 +260,36 @@ def _info(items: Mapping) -> str:
 
 
 def _badge(role) -> str:
-    return f'<span class="badge {_e(role)}">{_e(role)}</span>' if role else ""
-
-
-def _count(side: Mapping, unit: str | None) -> str:
-    """"12/200 samples" next to a rate; empty when the counts are missing."""
-    if unit is None or not _ok(side.get(f"toxic_{unit}")) or not _ok(side.get(unit)):
+    """The evaluator's role; the reward's own scorer is marked: training optimised it, so it vouches for nothing."""
+    if not role:
         return ""
-    return f' <span class="muted">({side[f"toxic_{unit}"]}/{side[unit]} {unit})</span>'
+    flag = f' <span class="flag">{TRAINED_ON}</span>' if role == "reward" else ""
+    return f'<span class="badge {_e(role)}">{_e(role)}</span>{flag}'
+
+
+def _count(m: Metric, side: Mapping) -> str:
+    """"12/200 samples" next to a metric; empty when the counts are missing."""
+    count = m.count(side)
+    return "" if count is None else f' <span class="muted">({count[0]}/{count[1]} {m.level}s)</span>'
+
+
+def _events(m: Metric, side: Mapping) -> tuple:
+    """(toxic, all) events behind the metric, dashes when the counts are missing."""
+    return m.count(side) or ("—", "—")
 
 
 def _cards(evaluators: Mapping[str, Mapping]) -> str:
-    cards = []
+    cards, m = [], TOXICITY_PROBABILITY
     for name, ev in evaluators.items():
-        d = ev.get("difference", {}).get("toxicity_probability", {})
+        d = ev.get("difference", {}).get(m.key, {})
         ref, pol = ev.get("reference", {}), ev.get("policy", {})
+        (before, total), (after, _) = _events(m, ref), _events(m, pol)
         cards.append(
             f'<div class="card"><div class="name">{_e(name)}{_badge(ev.get("role"))}</div>'
-            f'<div class="big">{_fmt_num(ref.get("toxicity_probability"), ".1f", 100, "%")}<span class="arrow">→</span>'
-            f'{_fmt_num(pol.get("toxicity_probability"), ".1f", 100, "%")}</div>'
-            f'<div class="sub">toxicity probability · toxic prompts {ref.get("toxic_prompts", "—")} → '
-            f'{pol.get("toxic_prompts", "—")} of {ref.get("prompts", "—")} · <span class="{_verdict(d)}">'
-            f'{_fmt_num(d.get("estimate"), "+.1f", 100, " pp")}</span> (p {_p(d.get("p_value"))})</div></div>')
+            f'<div class="big">{m.format(m.value(ref))}<span class="arrow">→</span>{m.format(m.value(pol))}</div>'
+            f'<div class="sub">{m.label} · toxic {m.level}s {before} → {after} of {total} · '
+            f'<span class="{_verdict(m, d)}">'
+            f'{m.format_change(d.get("estimate"))}</span> (p {_p(d.get("p_value"))})</div></div>')
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -301,51 +312,51 @@ def _summary_table(evaluators: Mapping[str, Mapping]) -> str:
     for name, ev in evaluators.items():
         ref, pol = ev.get("reference", {}), ev.get("policy", {})
         diff, rel = ev.get("difference", {}), ev.get("relative_change", {})
-        for i, (metric, label, counts, scale, spec, unit) in enumerate(TOXICITY_ROWS):
-            key = "mean" if metric == "mean_toxicity" else metric
-            spread = (lambda side: f' <span class="muted">± {_fmt_num(side.get("std"), ".3f")}</span>') \
-                if metric == "mean_toxicity" else (lambda side: "")
+        for i, m in enumerate(TOXICITY):
+            spread = (lambda side: f' <span class="muted">± {_fmt_num(side.get("std"), m.spec)}</span>') \
+                if m is MEAN_TOXICITY else (lambda side: "")
             std_change = rel.get("std_toxicity", {})
             extra = (f'<br><span class="muted">std {_fmt_num(std_change.get("value"), "+.1f", 100, "%")}</span>'
-                     if metric == "mean_toxicity" else "")
-            head = (f'<td rowspan="{len(TOXICITY_ROWS)}"><b>{_e(name)}</b>{_badge(ev.get("role"))}</td>'
+                     if m is MEAN_TOXICITY else "")
+            head = (f'<td rowspan="{len(TOXICITY)}"><b>{_e(name)}</b>{_badge(ev.get("role"))}</td>'
                     if i == 0 else "")
-            d = diff.get(metric, {})
+            d = diff.get(m.key, {})
             rows.append(
-                f'<tr{" class=group" if i == 0 else ""}>{head}<td class="nowrap">{label}</td>'
-                f'<td class="num">{_fmt_num(ref.get(key), spec, scale, unit)}{_count(ref, counts)}{spread(ref)}</td>'
-                f'<td class="num">{_fmt_num(pol.get(key), spec, scale, unit)}{_count(pol, counts)}{spread(pol)}</td>'
-                f'{_diff_cell(d, scale, "+" + spec, " pp" if unit == "%" else "")}{_test_cell(d)}'
-                f'{_relative_cell(rel.get(metric), extra)}</tr>')
+                f'<tr{" class=group" if i == 0 else ""}>{head}<td class="nowrap">{_e(_title(m))}</td>'
+                f'<td class="num">{m.format(m.value(ref))}{_count(m, ref)}{spread(ref)}</td>'
+                f'<td class="num">{m.format(m.value(pol))}{_count(m, pol)}{spread(pol)}</td>'
+                f'{_diff_cell(m, d)}{_test_cell(d)}{_relative_cell(rel.get(m.key), extra)}</tr>')
     head = ("<tr><th>Evaluator</th><th>Metric</th><th class='num'>Reference</th><th class='num'>Policy</th>"
             "<th class='num'>Difference [95% CI]</th><th class='num'>p-value · test</th>"
             "<th class='num'>Relative change</th></tr>")
     return f'<div class="panel"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def _quality_rows(ref: Mapping, pol: Mapping) -> str:
-    keys = [k for k in QUALITY_LABELS if k in ref or k in pol]
-    keys += [k for k in {**ref, **pol} if k not in QUALITY_LABELS]
-    return "".join(
-        f'<tr><td>{_e(QUALITY_LABELS.get(k, k))}</td><td class="num">{_fmt_num(ref.get(k), ".4g")}</td>'
-        f'<td class="num">{_fmt_num(pol.get(k), ".4g")}</td>'
-        f'<td class="num">{_fmt_num(pol[k] - ref[k], "+.4g") if _ok(ref.get(k)) and _ok(pol.get(k)) else "—"}</td></tr>'
-        for k in keys)
+def _quality_rows(ref: Mapping, pol: Mapping, terms) -> str:
+    """A row per quality metric either side has, the catalogue's first; a reward term's is marked."""
+    keys = dict.fromkeys([*(m.key for m in QUALITY if m.key in ref or m.key in pol), *ref, *pol])
+    rows = []
+    for m in map(metric, keys):
+        before, after = m.value(ref), m.value(pol)
+        change = None if before is None or after is None else after - before
+        rows.append(f'<tr><td>{_e(_title(m))}{_trained_on(m, terms)}</td><td class="num">{m.format(before)}</td>'
+                    f'<td class="num">{m.format(after)}</td><td class="num">{m.format_change(change)}</td></tr>')
+    return "".join(rows)
 
 
 QUALITY_HEAD = ("<tr><th>Metric</th><th class='num'>Reference</th><th class='num'>Policy</th>"
                 "<th class='num'>Difference</th></tr>")
 
 
-def _quality_table(quality: Mapping[str, Mapping]) -> str:
-    rows = _quality_rows(quality.get("reference", {}), quality.get("policy", {}))
+def _quality_table(quality: Mapping[str, Mapping], terms) -> str:
+    rows = _quality_rows(quality.get("reference", {}), quality.get("policy", {}), terms)
     if not rows:
         return ""
     return (f'<h2>Generation quality</h2><div class="panel"><table><thead>{QUALITY_HEAD}</thead>'
             f"<tbody>{rows}</tbody></table></div>")
 
 
-def _group_tables(groups: Mapping[str, Mapping], column) -> str:
+def _group_tables(groups: Mapping[str, Mapping], column, terms) -> str:
     """Quality per group of prompts, so a loss on one kind of prompt is not averaged away."""
     if not groups:
         return ""
@@ -353,7 +364,8 @@ def _group_tables(groups: Mapping[str, Mapping], column) -> str:
     for value, block in groups.items():
         parts.append(f'<h3>{_e(column)} = {_e(value)} <span class="muted">· {block.get("num_prompts", "—")} prompts'
                      f'</span></h3><div class="panel"><table><thead>{QUALITY_HEAD}</thead><tbody>'
-                     f'{_quality_rows(block.get("reference", {}), block.get("policy", {}))}</tbody></table></div>')
+                     f'{_quality_rows(block.get("reference", {}), block.get("policy", {}), terms)}'
+                     "</tbody></table></div>")
     return "".join(parts)
 
 
@@ -437,8 +449,9 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
                   "<h2>Improvement per evaluator</h2>", improvement_plot(evaluators)]
     if raw:
         parts += ["<h2>Toxicity distribution</h2>", histogram_plot(raw, threshold)]
-    parts.append(_quality_table(evaluation.get("quality", {})))
-    parts.append(_group_tables(evaluation.get("groups", {}), evaluation.get("group_column")))
+    terms = trained_terms(evaluation)
+    parts.append(_quality_table(evaluation.get("quality", {}), terms))
+    parts.append(_group_tables(evaluation.get("groups", {}), evaluation.get("group_column"), terms))
     # a composite reward has no one unit; its terms are named in the header's "reward"
     unit = evaluation.get("reward_unit") if " + " not in (evaluation.get("reward") or "") else "composite"
     unit = unit or "reward units"
