@@ -107,7 +107,8 @@ def run(args) -> None:
     if args.reference_only:
         point(0, 0.0, use_adapter=False)
         return
-    trainer = RLTrainer(config, policy, build_reward(config.reward), list(train_rows["prompt"]),
+    trainer = RLTrainer(config, policy, build_reward(config.reward, reference_name=config.data.reference_column),
+                        list(train_rows["prompt"]),
                         references=list(train_rows[config.data.reference_column]))
     elapsed = 0.0
     while trainer.step_count < config.rl.steps:

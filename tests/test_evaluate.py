@@ -190,7 +190,7 @@ def test_evaluate_run_puts_every_model_on_the_accelerators_device(tiny_t5, tiny_
     monkeypatch.setattr(trainer, "build_accelerator", lambda config: SimpleNamespace(device=torch.device("meta")))
     out = command.evaluate_run(run.path)
 
-    modules = [seen["policy"].module, seen["policy"].reference, seen["reward"].model,
+    modules = [seen["policy"].module, seen["policy"].reference, seen["reward"].scorer.model,
                *(scorer.model for scorer in seen["evaluators"].values())]
     assert len(modules) == 4
     assert {p.device for module in modules for p in module.parameters()} == {torch.device("meta")}

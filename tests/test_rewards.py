@@ -1,7 +1,9 @@
-"""Scorers: the classifier reward (by label name), the built-in offline scorers, user callables."""
+"""Scorers (the classifier reward by label name, the built-in offline scorers, user callables) and the composite
+reward of weighted terms, TRL-style reward functions among them."""
 
 import locale
 import math
+import re
 import sys
 import uuid
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from detoxrl.config import RewardConfig
+from detoxrl.config import RewardConfig, build_config, parse_reward_term
 from detoxrl.errors import DetoxError
 from detoxrl.rewards import (
     CallableScorer,
@@ -19,14 +21,14 @@ from detoxrl.rewards import (
     ProfanityScorer,
     Scorer,
     build_evaluator,
-    build_reward,
+    build_scorer,
     label_index,
     log_odds,
     reward_from_logits,
     reward_from_probability,
 )
+from detoxrl.rewards.composite import Reward
 from detoxrl.rewards.novelty import bigram_novelty
-from detoxrl.rl.rollout import score
 from tiny import save_tiny_classifier
 
 # Words from the tiny tokenizer's vocabulary, of different lengths so batches are padded.
@@ -314,29 +316,82 @@ class FixedScorer(Scorer):
         return np.array(self.values[: len(texts)])
 
 
+def reward_of(scorer, **settings) -> Reward:
+    return Reward.from_config(scorer, RewardConfig(**settings))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_score_rejects_non_finite_rewards(bad):
-    with pytest.raises(DetoxError, match=r"NaN or infinite for 1 of 3 texts \(scorer fixed\)"):
-        score(FixedScorer([0.5, bad, 1.0]), ["q1", "q2", "q3"], ["r1", "r2", "r3"], score_query=False)
+def test_reward_rejects_non_finite_values(bad):
+    with pytest.raises(DetoxError, match=r"NaN or infinite for 1 of 3 texts \(term scorer\)"):
+        reward_of(FixedScorer([0.5, bad, 1.0]))(["q1", "q2", "q3"], ["r1", "r2", "r3"])
 
 
-def test_score_returns_tensor_and_joins_query_when_asked():
+def test_reward_scores_the_response_or_query_and_response():
     scorer = FixedScorer([0.5, -1.0])
-    out, parts = score(scorer, ["q1", "q2"], ["r1", "r2"], score_query=False)
-    assert out.dtype == torch.float32 and out.tolist() == [0.5, -1.0]
-    assert parts == {"env/scorer_reward_mean": pytest.approx(-0.25)}
+    values, terms = reward_of(scorer)(["q1", "q2"], ["r1", "r2"])
+    assert values.dtype == np.float32 and values.tolist() == [0.5, -1.0] and list(terms) == ["scorer"]
     assert scorer.seen == ["r1", "r2"]
-    score(scorer, ["q1", "q2"], ["r1", "r2"], score_query=True)
+    reward_of(scorer, score_query=True)(["q1", "q2"], ["r1", "r2"])
     assert scorer.seen == ["q1 r1", "q2 r2"]
 
 
-def test_score_adds_weighted_novelty():
-    out, parts = score(FixedScorer([0.5, -1.0]), ["q1", "q2"], ["r1", "r2"], score_query=False,
-                       novelty=np.array([0.25, 1.0]), novelty_weight=2.0)
-    assert out.tolist() == [0.5 + 2 * 0.25, -1.0 + 2 * 1.0]
-    assert parts["env/novelty_mean"] == pytest.approx(0.625)
-    with pytest.raises(DetoxError, match="novelty_weight needs the bigram novelty of every response"):
-        score(FixedScorer([0.5, -1.0]), ["q1", "q2"], ["r1", "r2"], score_query=False, novelty_weight=2.0)
+def test_reward_adds_weighted_novelty_within_the_whole_batch():
+    reward = reward_of(FixedScorer([0.5, -1.0]), novelty_weight=2.0)
+    batch = {"prompts": ["p0", "p1", "p2"], "completions": ["x y", "a b c", "a b"], "offset": 1}
+    values, terms = reward(["p1", "p2"], ["a b c", "a b"], batch=batch)
+    assert terms["novelty"].tolist() == [0.5, 0.0]  # "a b" is used by the other prompt's completion
+    assert values.tolist() == [0.5 + 2 * 0.5, -1.0 + 2 * 0.0]
+    assert reward.describe().endswith(" + 2 x bigram novelty")
+
+
+def trl_brevity(prompts, completions, **kwargs):
+    """A reward function as written for TRL: shorter completions score higher."""
+    return [-float(len(c.split())) for c in completions]
+
+
+def test_trl_style_functions_are_terms_with_their_name_and_weight(monkeypatch, tmp_path):
+    (tmp_path / "myrewards.py").write_text("def brevity(prompts, completions, **kwargs):\n"
+                                           "    return [-float(len(c.split())) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    reward = reward_of(FixedScorer([0.5, 0.5]), terms=["myrewards:brevity=0.25"])
+    values, terms = reward(["p", "q"], ["a b c", "d"])
+    assert reward.weights() == {"scorer": 1.0, "myrewards:brevity": 0.25}
+    assert values.tolist() == [0.5 - 0.25 * 3, 0.5 - 0.25 * 1]
+    assert "0.25 x `myrewards:brevity`" in reward.describe()
+    added = reward_of(FixedScorer([0.5, 0.5])).with_term(trl_brevity, 0.5)
+    assert added.weights() == {"scorer": 1.0, "trl_brevity": 0.5}
+    assert added(["p", "q"], ["a b", "c"])[0].tolist() == [0.5 - 1.0, 0.5 - 0.5]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("return [1.0]", "reward term 'f' returned 1 values for 2 completions"),
+    ("return ['good', 'bad']", "reward term 'f' must return one number per completion, got ['good', 'bad']"),
+    ("return [1.0, float('nan')]", "the reward is NaN or infinite for 1 of 2 texts (term f)"),
+])
+def test_a_term_that_returns_the_wrong_thing_is_named(body, message):
+    namespace = {}
+    exec(f"def f(prompts, completions, **kwargs):\n    {body}\n", namespace)
+    reward = reward_of(FixedScorer([0.5, 0.5])).with_term(namespace["f"])
+    with pytest.raises(DetoxError, match=re.escape(message)):
+        reward(["p", "q"], ["a", "b"])
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "heavy", True])
+def test_a_term_weight_must_be_a_finite_number(weight):
+    with pytest.raises(DetoxError, match="the weight of reward term 'trl_brevity' must be a finite number"):
+        reward_of(FixedScorer([0.5])).with_term(trl_brevity, weight)
+
+
+@pytest.mark.parametrize("spec", ["myrewards:brevity=inf", "myrewards:brevity=nan", "myrewards:brevity=x", "brevity"])
+def test_reward_terms_setting_is_checked(spec):
+    with pytest.raises(DetoxError, match="reward.terms entries look like module:function or module:function=WEIGHT"):
+        parse_reward_term(spec)
+
+
+def test_fidelity_and_novelty_weights_must_be_finite():
+    for name in ("fidelity_weight", "novelty_weight"):
+        with pytest.raises(DetoxError, match=f"reward.{name} must be 0 or more \\(a finite number\\), got inf"):
+            build_config("smollm2-offline", overrides={f"reward.{name}": float("inf")}).validate()
 
 
 # ---------------------------------------------------------------- novelty
@@ -363,23 +418,23 @@ def test_bigram_novelty_of_one_stock_phrasing_is_low():
 # ---------------------------------------------------------------- factories
 
 
-def test_build_reward_picks_the_scorer(clf_path, user_module):
-    assert type(build_reward(RewardConfig(scorer="hatesonar"))) is HateSonarScorer
-    assert type(build_reward(RewardConfig(scorer="profanity-check"))) is ProfanityScorer
-    assert build_reward(RewardConfig(scorer="profanity-check", transform="log_prob")).transform == "log_prob"
+def test_build_scorer_picks_the_scorer(clf_path, user_module):
+    assert type(build_scorer(RewardConfig(scorer="hatesonar"))) is HateSonarScorer
+    assert type(build_scorer(RewardConfig(scorer="profanity-check"))) is ProfanityScorer
+    assert build_scorer(RewardConfig(scorer="profanity-check", transform="log_prob")).transform == "log_prob"
 
-    cal = build_reward(RewardConfig(scorer="callable", function=f"{user_module}:score"))
+    cal = build_scorer(RewardConfig(scorer="callable", function=f"{user_module}:score"))
     assert type(cal) is CallableScorer
     assert cal.rewards(["abc"]).tolist() == [3.0]
 
-    clf = build_reward(RewardConfig(scorer="classifier", model=clf_path, label="HATE", transform="prob", batch_size=2))
+    clf = build_scorer(RewardConfig(scorer="classifier", model=clf_path, label="HATE", transform="prob", batch_size=2))
     assert type(clf) is ClassifierScorer
     assert (clf.index, clf.transform, clf.batch_size) == (1, "prob", 2)
 
 
-def test_build_reward_callable_without_function():
+def test_build_scorer_callable_without_function():
     with pytest.raises(DetoxError, match="module:function"):
-        build_reward(RewardConfig(scorer="callable"))
+        build_scorer(RewardConfig(scorer="callable"))
 
 
 def test_build_evaluator(clf_path, hatesonar):

@@ -228,7 +228,7 @@ def test_an_accelerator_that_accumulates_differently_is_refused(tiny_t5, tmp_pat
         ({"rl.algorithm": "rloo", "rl.samples_per_prompt": 2, "rl.vf_coef": 0.5},
          "rl.vf_coef configures the value head, which rl.algorithm rloo does not have"),
         ({"rl.loss_normalization": "per-word"}, "rl.loss_normalization must be token or sequence"),
-        ({"reward.novelty_weight": -1.0}, "reward.novelty_weight must be 0 or more, got -1.0"),
+        ({"reward.novelty_weight": -1.0}, "reward.novelty_weight must be 0 or more (a finite number), got -1.0"),
     ],
     ids=["unknown-algorithm", "k-below-2", "batch-not-divisible-by-k", "value-head-setting", "normalization",
          "negative-novelty-weight"],
@@ -287,6 +287,45 @@ def test_fidelity_weight_adds_rouge_l_against_the_reference(tiny_t5, tmp_path):
     assert stats["env/reward_mean"] == pytest.approx(0.5 + 2.0 * 0.75)
     with pytest.raises(DetoxError, match="fidelity_weight needs the reference response of every training prompt"):
         RLTrainer(trainer.config, trainer.policy, ThanksShare(), PROMPTS)
+
+
+TERM_LEARNING = {"rl.algorithm": "rloo", "rl.samples_per_prompt": 4, "rl.learning_rate": 1e-2, "rl.steps": 16,
+                 "rl.batch_size": 16, "rl.mini_batch_size": 4, "rl.init_kl_coef": 0.01, "rl.adaptive_kl": False,
+                 "model.lora_r": 8, "generation.max_new_tokens": 6, "reward.scorer": "callable",
+                 "reward.function": "tiny:no_reward"}
+
+
+def assert_term_learned_and_recorded(run: Path, name: str, weight: float) -> None:
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    means = [row[f"env/{name}_mean"] for row in history]
+    assert np.mean(means[-4:]) > 2 * np.mean(means[:2]) + 0.05, means  # the term alone pays, and it is learned
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["run"]["reward_weights"] == {"scorer": 1.0, name: weight}
+    assert f"{weight:g} x `{name}`" in metrics["run"]["reward"] == metrics["evaluation"]["reward"]
+    assert name in metrics["evaluation"]["reward_terms"]["policy"]
+    assert f"{weight:g} x `{name}`" in (run / "report.html").read_text()
+    assert f"{weight:g} x `{name}`" in (run / "adapter" / "README.md").read_text()
+
+
+def test_a_trl_reward_function_trains_from_the_command_line(tiny_llama, tiny_classifier, tmp_path, run_cli,
+                                                            monkeypatch):
+    monkeypatch.setattr(sys, "path", [str(Path(__file__).parent), *sys.path])
+    settings = tiny_run_settings(tiny_llama, tmp_path / "run", **{
+        **TERM_LEARNING, "eval.enabled": True, "eval.evaluators": [str(tiny_classifier)], "eval.max_prompts": 2})
+    code, _, err = run_cli(["train", "--config", write_yaml(tmp_path / "config.yaml", settings),
+                            "--reward.terms", "tiny:trl_thanks=2"])
+    assert code == 0, err
+    assert_term_learned_and_recorded(tmp_path / "run", "tiny:trl_thanks", 2.0)
+
+
+def test_a_trl_reward_function_trains_from_the_python_api(tiny_llama, tiny_classifier, tmp_path):
+    import detoxrl
+    from tiny import trl_thanks
+
+    config = tiny_run_config(tiny_llama, tmp_path / "run", **{
+        **TERM_LEARNING, "eval.enabled": True, "eval.evaluators": [str(tiny_classifier)], "eval.max_prompts": 2})
+    reward = detoxrl.build_reward(config.reward).with_term(trl_thanks, weight=2.0)
+    assert_term_learned_and_recorded(detoxrl.train(config, reward=reward), "trl_thanks", 2.0)
 
 
 def test_learning_curve_points_are_written_to_the_history(tiny_t5, tmp_path, run_cli):

@@ -95,6 +95,16 @@ def thanks_share(texts: list[str]) -> list[float]:
     return [t.split().count("thanks") / max(1, len(t.split())) for t in texts]
 
 
+def no_reward(texts: list[str]) -> list[float]:
+    """A scorer that pays nothing, so that a run learns from its other reward terms alone."""
+    return [0.0] * len(texts)
+
+
+def trl_thanks(prompts, completions, **kwargs) -> list[float]:
+    """``thanks_share`` written as a TRL reward function, ``f(prompts, completions, **kwargs)``."""
+    return thanks_share(completions)
+
+
 class ThanksShare(Scorer):
     """``thanks_share`` as a Scorer, for building a trainer without a reward config."""
 

@@ -7,6 +7,7 @@ A run is fully described by a :class:`Config`; it is saved next to the outputs a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,7 +70,22 @@ class RewardConfig:
                                      "(data.reference_column) to the reward; 0 turns it off.")
     novelty_weight: float = _f(0.0, "Add this weight x the share of the response's word bigrams that no response "
                                     "to another prompt of the batch uses (against one stock phrasing); 0 turns it off.")
+    terms: list[str] = _f([], "More reward terms: module:function[=WEIGHT] (weight 1 by default), each a function "
+                              "f(prompts, completions, **kwargs) -> list of floats, as TRL's reward functions.")
     batch_size: int = _f(32, "Texts per scoring batch.")
+
+
+def parse_reward_term(spec: str) -> tuple[str, float]:
+    """``"module:function=0.5"`` -> ``("module:function", 0.5)``; the weight must be a finite number."""
+    function, _, weight = spec.partition("=")
+    try:
+        value = float(weight) if weight else 1.0
+    except ValueError:
+        value = math.nan
+    if not function.strip() or ":" not in function or not math.isfinite(value):
+        raise DetoxError(f"reward.terms entries look like module:function or module:function=WEIGHT with a finite "
+                         f"weight, got {spec!r}")
+    return function.strip(), value
 
 
 @dataclass
@@ -275,10 +291,12 @@ class Config:
             raise DetoxError(
                 f"reward.scorer must be classifier, hatesonar, profanity-check or callable, got {self.reward.scorer!r}"
             )
-        if not self.reward.fidelity_weight >= 0:
-            raise DetoxError(f"reward.fidelity_weight must be 0 or more, got {self.reward.fidelity_weight}")
-        if not self.reward.novelty_weight >= 0:
-            raise DetoxError(f"reward.novelty_weight must be 0 or more, got {self.reward.novelty_weight}")
+        for name in ("fidelity_weight", "novelty_weight"):
+            weight = getattr(self.reward, name)
+            if not (math.isfinite(weight) and weight >= 0):
+                raise DetoxError(f"reward.{name} must be 0 or more (a finite number), got {weight}")
+        for spec in self.reward.terms:
+            parse_reward_term(spec)
         if self.reward.fidelity_weight and not self.data.reference_column:
             raise DetoxError("reward.fidelity_weight needs data.reference_column (the reference responses)")
         if not 0 < self.data.test_size < 1:

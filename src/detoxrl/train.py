@@ -22,6 +22,7 @@ from .policy import load_policy
 from .rl import checkpoint
 from .rl.trainer import RLTrainer, build_accelerator
 from .rewards import build_reward
+from .rewards.composite import Reward
 from .rundir import (
     RunDir, atomic_write_dir, atomic_write_json, check_resume, prepare_output_dir, read_history, remove_partial_run,
     write_history,
@@ -45,9 +46,11 @@ def flat_hparams(config: Config) -> dict[str, float | str | bool]:
     return flat
 
 
-def train(config: Config, resume: bool = False, resume_with_changes: bool = False) -> Path:
+def train(config: Config, resume: bool = False, resume_with_changes: bool = False, reward: Reward | None = None) -> Path:
     """Train, save and evaluate; returns the run directory.
 
+    ``reward`` replaces the one the config builds (detoxrl.build_reward), e.g. to add a Python function as a
+    term with :meth:`~detoxrl.rewards.composite.Reward.with_term`; the run records it term by term.
     ``resume`` continues the run in ``config.output_dir``; settings that decide its result must be the
     saved ones unless ``resume_with_changes`` (then the changes are recorded in the run).
     """
@@ -60,7 +63,7 @@ def train(config: Config, resume: bool = False, resume_with_changes: bool = Fals
     created, was_empty = prepare_output_dir(out, resume) if accelerator.is_main_process else (False, False)
     accelerator.wait_for_everyone()
     try:
-        return _train(config, accelerator, resume)
+        return _train(config, accelerator, resume, reward)
     except BaseException:
         # Nothing the user made is lost: without a checkpoint or a saved adapter, remove only what this run wrote
         # (the directory if we created it, its contents if it was empty), so the same command can be run again.
@@ -70,7 +73,7 @@ def train(config: Config, resume: bool = False, resume_with_changes: bool = Fals
         raise
 
 
-def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
+def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Reward | None) -> Path:
     out = Path(config.output_dir)
     run = RunDir(out)
     started = time.time()
@@ -83,7 +86,8 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
 
     train_rows, test_rows = build_splits(config.data)
     test_prompts, test_groups = list(test_rows["prompt"]), evaluation_groups(test_rows, config)
-    reward = build_reward(config.reward, str(accelerator.device), config.model.trust_remote_code)
+    reward = reward or build_reward(config.reward, str(accelerator.device), config.model.trust_remote_code,
+                                    config.data.reference_column or "reference")
     trained = resume and training_finished(run, config)
     policy = load_policy(config.model, adapter=run.adapter if trained else None, device=config.device)
     check_generation_fits(config, policy.model.config)
@@ -139,7 +143,8 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> Path:
     metrics = {
         "run": {
             "model": config.model.name_or_path,
-            "reward": config.reward.scorer if config.reward.scorer != "classifier" else config.reward.model,
+            "reward": reward.describe(),
+            "reward_weights": reward.weights(),
             "steps": trainer.step_count,
             "train_seconds": round(train_seconds, 1),
             "num_processes": accelerator.num_processes,

@@ -90,7 +90,8 @@ def evaluate_run(
     device = build_accelerator(config).device
     # Loaded before anything is generated, so an evaluator that cannot be loaded fails fast.
     held_out = {spec: held_out_evaluator(spec, config.eval.nontoxic_label, device) for spec in config.eval.evaluators}
-    reward = build_reward(config.reward, str(device), config.model.trust_remote_code)
+    reward = build_reward(config.reward, str(device), config.model.trust_remote_code,
+                          config.data.reference_column or "reference")
     policy = place_policy(load_policy(config.model, adapter=run.adapter, device=config.device), device)
     out.path.mkdir(parents=True, exist_ok=True)
     out.metrics.unlink(missing_ok=True)  # an evaluation replaced half-way must not look finished

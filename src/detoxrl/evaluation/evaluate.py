@@ -5,7 +5,6 @@ training reward and by held-out evaluators that training never saw; see docs/eva
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -23,7 +22,7 @@ from ..errors import DetoxError
 from ..hub import load_pretrained
 from ..policy import Policy, forward_response
 from ..rewards import BUILTIN, Scorer, build_evaluator
-from ..rewards.composite import combine, grouped_novelty, reward_description, reward_terms, reward_unit
+from ..rewards.composite import Reward, reward_unit
 from ..rl.rollout import Rollout, generate, reference_logprobs, sample_seeds
 from ..rundir import RunDir, atomic_write_text
 from .report import render_report
@@ -221,19 +220,20 @@ def held_out_evaluator(spec: str, nontoxic_label: str, device: torch.device | st
     return build_evaluator(name, label, device)
 
 
-def trained_reward(reward: Scorer, config: Config, prompts: list[str], responses: list[str],
+def trained_reward(reward: Reward, config: Config, prompts: list[str], responses: list[str],
                    references: list[str] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The reward training optimised, for evaluated responses (one per item of ``prompts``): its value and
-    each term's. Novelty compares responses within groups of as many prompts as a training batch holds, the
-    scale it was trained on. Data without references (``evaluate --dataset``) leaves the fidelity term out."""
-    r = config.reward
-    if r.fidelity_weight and references is None:
-        r = dataclasses.replace(r, fidelity_weight=0.0)
-    novelty = None
-    if r.novelty_weight:
-        novelty = grouped_novelty(responses, prompts, max(1, config.rl.batch_size // config.rl.samples_per_prompt))
-    terms = reward_terms(reward, prompts, responses, r, references, novelty)
-    return combine(terms, r, reward.name), terms
+    """The reward training optimised, for evaluated responses (one per item of ``prompts``, a prompt's in a
+    row): its value and each term's. The terms see groups of as many prompts as a training batch holds, the
+    scale novelty was trained on. Data without references (``evaluate --dataset``) leaves fidelity out."""
+    if references is None and "fidelity" in reward.weights():
+        reward = Reward(reward.scorer, [t for t in reward.terms if t.name != "fidelity"])
+    per_group = max(1, config.rl.batch_size // config.rl.samples_per_prompt)
+    starts = [i for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1]]
+    bounds = [*starts[::per_group], len(prompts)]
+    parts = [reward.term_values(prompts[a:b], responses[a:b], references=references and references[a:b])
+             for a, b in zip(bounds, bounds[1:])]
+    terms = {name: np.concatenate([part[name] for part in parts]) for name in reward.weights()}
+    return reward.combine(terms), terms
 
 
 def prompt_groups(rows, config: Config) -> list | None:
@@ -303,7 +303,7 @@ def evaluate_policy(
     policy: Policy,
     prompts: list[str],
     references: list[str] | None,
-    reward: Scorer,
+    reward: Reward | Scorer,
     out_dir: Path,
     history: list[dict],
     evaluators: dict[str, Scorer] | None = None,
@@ -320,6 +320,8 @@ def evaluate_policy(
     that group's only (:func:`select_prompts`); responses.jsonl scores every response.
     """
     e = config.eval
+    if isinstance(reward, Scorer):  # as RLTrainer takes it: the config's terms are added
+        reward = Reward.from_config(reward, config.reward, config.data.reference_column or "reference")
     if groups is not None and len(groups) != len(prompts):
         raise DetoxError(f"{len(groups)} group values for {len(prompts)} prompts")
     chosen, t = select_prompts(groups, len(prompts), config)
@@ -358,7 +360,7 @@ def evaluate_policy(
     scored: dict[str, dict] = {}
     raw: dict[str, dict[str, list[float]]] = {}
     toxic = slice(0, t * k)  # the samples of the toxicity prompts, which come first
-    roles = [(reward, "reward")] + [(s, "held-out") for s in evaluators.values()]
+    roles = [(reward.scorer, "reward")] + [(s, "held-out") for s in evaluators.values()]
     for scorer, role in roles:
         try:
             tox_before, tox_after = scorer.toxicity(before), scorer.toxicity(after)
@@ -402,7 +404,8 @@ def evaluate_policy(
         "num_prompts": n,
         "samples_per_prompt": k,
         "threshold": e.threshold,
-        "reward": reward_description(config),
+        "reward": reward.describe(),
+        "reward_weights": reward.weights(),
         "reward_scorer": reward.name,
         "reward_unit": reward_unit(config.reward),
         "reward_mean": {"reference": float(np.mean(reward_before[toxic])),

@@ -1,4 +1,5 @@
-"""Scorers: rewards for PPO and toxicity for evaluation, behind one interface."""
+"""Scorers (rewards for RL and toxicity for evaluation, behind one interface) and the composite reward
+that training optimises (:mod:`.composite`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,23 @@ BUILTIN = {"hatesonar": HateSonarScorer, "profanity-check": ProfanityScorer}
 
 __all__ = [
     "Scorer", "log_odds", "reward_from_probability", "HateSonarScorer", "ProfanityScorer", "ClassifierScorer", "CallableScorer",
-    "label_index", "reward_from_logits", "build_reward", "build_evaluator",
+    "label_index", "reward_from_logits", "build_scorer", "build_reward", "build_evaluator",
 ]
 
 
-def build_reward(config: RewardConfig, device: str = "cpu", trust_remote_code: bool = False) -> Scorer:
+def build_reward(config: RewardConfig, device: str = "cpu", trust_remote_code: bool = False,
+                 reference_name: str = "reference"):
+    """The reward ``config`` trains (:class:`~.composite.Reward`): the scorer and the weighted terms.
+
+    ``reference_name`` names the references the fidelity term compares with (data.reference_column).
+    """
+    from .composite import Reward
+
+    return Reward.from_config(build_scorer(config, device, trust_remote_code), config, reference_name)
+
+
+def build_scorer(config: RewardConfig, device: str = "cpu", trust_remote_code: bool = False) -> Scorer:
+    """The toxicity scorer of the reward: reward.scorer and its settings."""
     if config.scorer in BUILTIN:
         return BUILTIN[config.scorer](config.transform)
     if config.scorer == "callable":

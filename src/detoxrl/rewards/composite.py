@@ -1,83 +1,189 @@
-"""The reward training optimises, term by term: the scorer, plus the weighted fidelity and novelty terms.
+"""The reward training optimises: named, weighted terms, each a function with TRL's reward signature.
 
-Training and evaluation both compute it here, so the evaluation reports the reward that was trained.
+A term is ``f(prompts, completions, **kwargs) -> list[float]`` (TRL's ``reward_funcs``), so reward
+functions written for TRL work as they are. The built-in terms are the toxicity scorer, fidelity
+(ROUGE-L against the reference) and novelty (bigrams no other prompt's completion uses); users add
+their own with ``reward.terms`` or :meth:`Reward.with_term`. Training, evaluation, the report and the
+model card all use this one object, so they state and score the same reward, term by term.
+
+The keyword arguments a term receives: ``references`` (one per completion, or None) and ``batch``
+(``{"prompts", "completions", "offset"}``: the whole batch over all processes and where these
+completions start in it, for terms that compare a completion with the others).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..config import Config, RewardConfig
+from ..config import Config, RewardConfig, parse_reward_term
 from ..errors import DetoxError
 from . import BUILTIN
 from .base import Scorer
+from .custom import import_function
 from .fidelity import rouge_l
 from .novelty import bigram_novelty
 
+RewardFunction = Callable[..., Sequence[float]]
 
-def reward_terms(
-    scorer: Scorer, queries: list[str], responses: list[str], config: RewardConfig,
-    references: list[str] | None = None, novelty: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Each term with a non-zero weight, unweighted, one value per response: ``scorer`` (of the response, or
-    of query + response with ``score_query``), ``fidelity`` (ROUGE-L against the reference), ``novelty``."""
-    texts = [f"{q} {r}" for q, r in zip(queries, responses)] if config.score_query else responses
-    terms = {"scorer": np.asarray(scorer.rewards(texts), dtype=np.float32)}
+
+@dataclass(frozen=True)
+class RewardTerm:
+    name: str
+    weight: float
+    function: RewardFunction
+    description: str  # for the report and the card, e.g. "ROUGE-L against the reference summary"
+
+
+class Reward:
+    """A weighted sum of :class:`RewardTerm`; ``scorer`` is the toxicity scorer among them (its
+    ``toxicity`` also feeds the evaluation)."""
+
+    def __init__(self, scorer: Scorer, terms: list[RewardTerm]):
+        names = [t.name for t in terms]
+        if len(set(names)) != len(names):
+            raise DetoxError(f"two reward terms share a name: {', '.join(names)}")
+        self.scorer, self.terms = scorer, list(terms)
+
+    @property
+    def name(self) -> str:
+        return self.scorer.name
+
+    @classmethod
+    def from_config(cls, scorer: Scorer, config: RewardConfig, reference_name: str = "reference") -> Reward:
+        """The scorer, then the config's fidelity, novelty and user terms (those with a non-zero weight)."""
+        functions = {"scorer": scorer_term(scorer, config.score_query), "fidelity": fidelity, "novelty": novelty}
+        terms = []
+        for name, weight, description in planned_terms(config, reference_name):
+            function = functions.get(name) or import_function(name, "reward.terms")
+            if name not in functions and not takes_trl_arguments(function):
+                raise DetoxError(f"reward.terms {name!r} must take (prompts, completions, **kwargs), as TRL's reward "
+                                 "functions do")
+            terms.append(RewardTerm(name, weight, function, description))
+        return cls(scorer, terms)
+
+    def with_term(self, function: RewardFunction, weight: float = 1.0, name: str | None = None) -> Reward:
+        """This reward plus ``weight`` x ``function`` (a TRL-style reward function)."""
+        name = name or getattr(function, "__name__", "term")
+        check_weight(name, weight)
+        return Reward(self.scorer, [*self.terms, RewardTerm(name, float(weight), function, f"`{name}`")])
+
+    def describe(self) -> str:
+        """The reward as trained, e.g. "profanity-check (log-odds of non-toxic) + 10 x ROUGE-L against ..."."""
+        return describe([(t.name, t.weight, t.description) for t in self.terms])
+
+    def weights(self) -> dict[str, float]:
+        return {t.name: t.weight for t in self.terms}
+
+    def term_values(self, prompts: list[str], completions: list[str], **context) -> dict[str, np.ndarray]:
+        """Each term's value per completion, unweighted; a term that returns the wrong count, non-numbers or
+        a NaN is an error naming it."""
+        return {t.name: checked(t.name, t.function(list(prompts), list(completions), **context), len(completions))
+                for t in self.terms}
+
+    def combine(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        weights = self.weights()
+        return sum(weights[name] * v for name, v in values.items()).astype(np.float32)
+
+    def __call__(self, prompts: list[str], completions: list[str], **context) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(the reward of each completion, each term's values)."""
+        values = self.term_values(prompts, completions, **context)
+        return self.combine(values), values
+
+
+def term_log_key(name: str) -> str:
+    """The statistic a term's batch mean is logged as: env/scorer_reward_mean, env/fidelity_mean, env/NAME_mean."""
+    return "env/scorer_reward_mean" if name == "scorer" else f"env/{name}_mean"
+
+
+# ----------------------------------------------------------------------------------------------- built-in terms
+
+
+def scorer_term(scorer: Scorer, score_query: bool) -> RewardFunction:
+    def toxicity(prompts, completions, **kwargs):
+        return scorer.rewards([f"{p} {c}" for p, c in zip(prompts, completions)] if score_query else completions)
+
+    return toxicity
+
+
+def fidelity(prompts, completions, references=None, **kwargs):
+    if references is None:
+        raise DetoxError("reward.fidelity_weight needs the reference response of every prompt")
+    return rouge_l(completions, references)
+
+
+def novelty(prompts, completions, batch=None, **kwargs):
+    """Novelty within the whole batch (all processes' completions) when given, else within these completions."""
+    if batch is None:
+        return bigram_novelty(completions, prompts)
+    start = batch["offset"]
+    return bigram_novelty(batch["completions"], batch["prompts"])[start : start + len(completions)]
+
+
+# ----------------------------------------------------------------------------------------------- checks and names
+
+
+def checked(name: str, result, count: int) -> np.ndarray:
+    try:
+        values = np.asarray(result, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise DetoxError(f"reward term {name!r} must return one number per completion, got {str(result)[:80]}") \
+            from None
+    if len(values) != count:
+        raise DetoxError(f"reward term {name!r} returned {len(values)} values for {count} completions")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise DetoxError(f"the reward is NaN or infinite for {int(bad.sum())} of {count} texts (term {name}); "
+                         "fix the function or clip its output")
+    return values
+
+
+def check_weight(name: str, weight) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise DetoxError(f"the weight of reward term {name!r} must be a finite number, got {weight!r}")
+
+
+def takes_trl_arguments(function: Callable) -> bool:
+    """Whether ``function`` can be called as ``f(prompts, completions, **kwargs)``."""
+    try:
+        inspect.signature(function).bind([], [], references=None, batch=None)
+    except TypeError:
+        return False
+    return True
+
+
+def planned_terms(config: RewardConfig, reference_name: str = "reference") -> list[tuple[str, float, str]]:
+    """(name, weight, description) of each term ``config`` trains, read from the settings alone."""
+    unit = "" if config.scorer == "callable" else f" ({reward_unit(config)})"
+    scorer = {"classifier": f"classifier `{config.model}`", "callable": f"`{config.function}`"}.get(
+        config.scorer, config.scorer)
+    terms = [("scorer", 1.0, f"{scorer}{unit}{' on query + response' if config.score_query else ''}")]
     if config.fidelity_weight:
-        if references is None:
-            raise DetoxError("reward.fidelity_weight needs the reference response of every prompt")
-        terms["fidelity"] = rouge_l(responses, references)
+        terms.append(("fidelity", config.fidelity_weight, f"ROUGE-L against the reference {reference_name}"))
     if config.novelty_weight:
-        if novelty is None or len(novelty) != len(responses):
-            raise DetoxError("reward.novelty_weight needs the bigram novelty of every response")
-        terms["novelty"] = np.asarray(novelty, dtype=np.float32)
+        terms.append(("novelty", config.novelty_weight, "bigram novelty"))
+    for spec in config.terms:
+        function_spec, weight = parse_reward_term(spec)
+        terms.append((function_spec, weight, f"`{function_spec}`"))
     return terms
 
 
-def combine(terms: dict[str, np.ndarray], config: RewardConfig, scorer_name: str) -> np.ndarray:
-    """The weighted sum of :func:`reward_terms`; a NaN or infinite result is an error naming the scorer."""
-    weights = {"scorer": 1.0, "fidelity": config.fidelity_weight, "novelty": config.novelty_weight}
-    values = sum(weights[name] * values for name, values in terms.items())
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise DetoxError(
-            f"the reward is NaN or infinite for {int(bad.sum())} of {len(values)} texts (scorer {scorer_name}); "
-            "fix the scorer or clip its output"
-        )
-    return values.astype(np.float32)
-
-
-def grouped_novelty(responses: list[str], prompts: list[str], prompts_per_group: int) -> np.ndarray:
-    """:func:`bigram_novelty` within consecutive groups of ``prompts_per_group`` prompts (all their responses),
-    as training computes it within each batch; for evaluating many prompts on the training batch's scale."""
-    starts = [i for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1]]
-    bounds = starts[::prompts_per_group] + [len(prompts)]
-    return np.concatenate([bigram_novelty(responses[a:b], prompts[a:b]) for a, b in zip(bounds, bounds[1:])]
-                          or [np.zeros(0, dtype=np.float32)])
+def describe(terms: list[tuple[str, float, str]]) -> str:
+    return " + ".join(description if weight == 1 and name == "scorer" else f"{weight:g} x {description}"
+                      for name, weight, description in terms)
 
 
 def reward_description(config: Config) -> str:
-    """The reward that was trained, term by term with its weights, from the run's config: one wording for
-    every place that names the reward, so that none shortens a composite to its scorer."""
-    reward = config.reward
-    terms = [_scorer_term(reward)]
-    if reward.fidelity_weight:
-        terms.append(f"{reward.fidelity_weight:g} x ROUGE-L against the reference {config.data.reference_column}")
-    if reward.novelty_weight:
-        terms.append(f"{reward.novelty_weight:g} x bigram novelty")
-    return " + ".join(terms)
-
-
-def _scorer_term(reward: RewardConfig) -> str:
-    """The scorer, its unit, and what it reads: only it sees the query when reward.score_query is set."""
-    name = {"classifier": f"classifier `{reward.model}`", "callable": f"`{reward.function}`"}.get(
-        reward.scorer, reward.scorer)
-    unit = "" if reward.scorer == "callable" else f" ({reward_unit(reward)})"
-    return f"{name}{unit}{' on query + response' if reward.score_query else ''}"
+    """The reward a run's settings train, term by term with its weights (as :meth:`Reward.describe`)."""
+    return describe(planned_terms(config.reward, config.data.reference_column or "reference"))
 
 
 def reward_unit(reward: RewardConfig) -> str:
-    """What one unit of the training reward is, for labels."""
+    """What one unit of the toxicity scorer's reward is, for labels."""
     if reward.scorer == "callable":
         return f"as returned by {reward.function}"
     label = "non-toxic" if reward.scorer in BUILTIN else f"class {reward.label!r}"

@@ -1,10 +1,12 @@
-"""A user's Python function as the reward: ``module:function`` taking a list of texts."""
+"""A user's Python functions: a scorer ``module:function`` taking a list of texts, and the import of any
+``module:function`` (also the TRL-style terms of reward.terms)."""
 
 from __future__ import annotations
 
 import importlib
 import os
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -12,20 +14,26 @@ from ..errors import DetoxError
 from .base import Scorer
 
 
+def import_function(spec: str, setting: str) -> Callable:
+    """``module:function``, imported from the working directory or sys.path; ``setting`` names it in errors."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise DetoxError(f"{setting} must look like module:function, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DetoxError(f"cannot import reward module {module_name!r}: {exc}") from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise DetoxError(f"{spec!r}: module {module_name!r} has no function {function_name!r}")
+    return function
+
+
 class CallableScorer(Scorer):
     def __init__(self, spec: str):
-        module_name, _, function_name = spec.partition(":")
-        if not module_name or not function_name:
-            raise DetoxError(f"reward.function must look like module:function, got {spec!r}")
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise DetoxError(f"cannot import reward module {module_name!r}: {exc}") from exc
-        self.function = getattr(module, function_name, None)
-        if not callable(self.function):
-            raise DetoxError(f"{spec!r}: module {module_name!r} has no function {function_name!r}")
+        self.function = import_function(spec, "reward.function")
         self.name = spec
 
     def rewards(self, texts: list[str]) -> np.ndarray:

@@ -15,11 +15,9 @@ from torch import nn
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..config import GenerationConfig, RewardConfig
+from ..config import GenerationConfig
 from ..errors import DetoxError
 from ..policy import Policy, ValueHead, encode_prompts, forward_response
-from ..rewards import Scorer
-from ..rewards.composite import combine, reward_terms
 from .core import logprobs_from_logits, response_mask, sampling_logits
 
 
@@ -206,21 +204,6 @@ def reference_logprobs(
                 model_chunks.append(logprobs_from_logits(raw, rollout.response_ids[rows]))
     logprobs = torch.cat(chunks) * rollout.mask
     return (logprobs, torch.cat(model_chunks) * rollout.mask) if with_model_logprobs else logprobs
-
-
-def score(
-    scorer: Scorer, queries: list[str], responses: list[str], score_query: bool,
-    references: list[str] | None = None, fidelity_weight: float = 0.0,
-    novelty: np.ndarray | None = None, novelty_weight: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Rewards for the responses (optionally scored together with their query, as the recipe did),
-    plus ``fidelity_weight`` x ROUGE-L against each prompt's reference and ``novelty_weight`` x each
-    response's bigram novelty in the batch (detoxrl.rewards.composite); and the parts' means."""
-    config = RewardConfig(score_query=score_query, fidelity_weight=fidelity_weight, novelty_weight=novelty_weight)
-    terms = reward_terms(scorer, queries, responses, config, references, novelty)
-    names = {"scorer": "env/scorer_reward_mean", "fidelity": "env/fidelity_mean", "novelty": "env/novelty_mean"}
-    parts = {names[name]: float(values.mean()) for name, values in terms.items()}
-    return torch.from_numpy(combine(terms, config, scorer.name)), parts
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from ..config import Config
 from ..errors import DetoxError
 from ..policy import Policy
 from ..rewards import Scorer
-from ..rewards.novelty import bigram_novelty
+from ..rewards.composite import Reward, term_log_key
 from ..rundir import RunDir
 from . import checkpoint
 from .core import AdaptiveKLController, FixedKLController, entropy_from_logits, logprobs_from_logits, loss_divisors
@@ -33,7 +33,7 @@ from .core import masked_mean, sampling_logits, sequence_kl
 from .grpo import GRPO
 from .ppo import PPO
 from .rloo import RLOO
-from .rollout import Rollout, generate, reference_logprobs, rollout_from_responses, sample_seeds, score
+from .rollout import Rollout, generate, reference_logprobs, rollout_from_responses, sample_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def check_sharded_checkpointing(accelerator: Accelerator, config: Config) -> Non
 
 
 class RLTrainer:
-    """Trains ``policy``'s LoRA adapter to maximise ``scorer``'s reward on ``prompts``.
+    """Trains ``policy``'s LoRA adapter to maximise ``reward`` on ``prompts``.
 
     ``step(prompts)`` runs one iteration; ``train()`` runs ``rl.steps`` of them over the prompts.
     """
@@ -84,14 +84,17 @@ class RLTrainer:
         self,
         config: Config,
         policy: Policy,
-        scorer: Scorer,
+        reward: Reward | Scorer,
         prompts: list[str],
         accelerator: Accelerator | None = None,
         references: list[str] | None = None,
     ):
-        """``references`` (one per prompt) are needed only by reward.fidelity_weight."""
+        """``reward`` is the composite reward (detoxrl.build_reward), or a scorer that the config's reward
+        terms are added to. ``references`` (one per prompt) are needed only by reward.fidelity_weight."""
         config.validate()
-        self.config, self.policy, self.scorer, self.prompts = config, policy, scorer, prompts
+        if isinstance(reward, Scorer):
+            reward = Reward.from_config(reward, config.reward, config.data.reference_column or "reference")
+        self.config, self.policy, self.reward, self.prompts = config, policy, reward, prompts
         if references is not None and len(references) != len(prompts):
             raise DetoxError(f"{len(prompts)} prompts but {len(references)} references")
         if config.reward.fidelity_weight and references is None:
@@ -175,13 +178,12 @@ class RLTrainer:
         rank = self.accelerator.process_index
         return indices[rank * local : (rank + 1) * local]
 
-    def batch_novelty(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        """Bigram novelty of this process's responses within the global batch (all processes' responses,
-        gathered in rank order, so that 2 processes score as 1 does)."""
+    def reward_context(self, prompts: list[str], responses: list[str]) -> dict[str, Any]:
+        """The whole batch over all processes (gathered in rank order, so that 2 processes score as 1 does) and
+        where this process's responses start in it: for terms that compare a response with the others."""
         everyone = gather_object(list(zip(prompts, responses)))
-        first = self.accelerator.process_index * len(prompts)
-        novelty = bigram_novelty([r for _, r in everyone], [p for p, _ in everyone])
-        return novelty[first : first + len(prompts)]
+        return {"prompts": [p for p, _ in everyone], "completions": [r for _, r in everyone],
+                "offset": self.accelerator.process_index * len(prompts)}
 
     # ----------------------------------------------------------------------------- one step
     def rollout(
@@ -203,10 +205,11 @@ class RLTrainer:
 
         tick = time.perf_counter()
         if rewards is None:
-            novelty = self.batch_novelty(prompts, batch.responses) if cfg.reward.novelty_weight else None
-            batch.scores, parts = score(self.scorer, prompts, batch.responses, cfg.reward.score_query, references,
-                                        cfg.reward.fidelity_weight, novelty, cfg.reward.novelty_weight)
-            stats.update({k: float(masked_mean(torch.tensor(v), reduce=self.reduce)) for k, v in parts.items()})
+            values, terms = self.reward(prompts, batch.responses, references=references,
+                                        batch=self.reward_context(prompts, batch.responses))
+            batch.scores = torch.from_numpy(values)
+            stats.update({term_log_key(name): float(masked_mean(torch.from_numpy(v), reduce=self.reduce))
+                          for name, v in terms.items()})
         else:
             batch.scores = torch.as_tensor(np.asarray([float(r) for r in rewards], dtype=np.float32))
             if not torch.isfinite(batch.scores).all():
@@ -232,7 +235,7 @@ class RLTrainer:
         ``responses`` (strings made elsewhere) and ``rewards`` (numbers) replace either step, as in
         the recipe's ``ppo_trainer.step(query, response, reward)``; both are one per response,
         ``len(prompts) * k`` of them, the k responses to ``prompts[i]`` at ``i * k`` to ``i * k + k - 1``.
-        ``references`` (one per prompt) feed reward.fidelity_weight.
+        ``references`` (one per prompt) feed the reward's fidelity term.
         """
         p, k = self.config.rl, self.config.rl.samples_per_prompt
         if not prompts:
