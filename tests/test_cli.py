@@ -32,6 +32,13 @@ def test_train_then_evaluate_end_to_end(tmp_path, tiny_t5, tiny_classifier, run_
     )
     assert done.returncode == 0, done.stderr
     assert f"done: adapter, metrics and report are in {run}" in done.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    held_out = metrics["evaluation"]["evaluators"]["profanity-check"]
+    # the verdict is printed before the path: judge, toxic prompts before -> after, the guards
+    headline = done.stdout.split("done:")[0]
+    assert "profanity-check" in headline and "held-out" in headline
+    assert f"{held_out['reference']['toxic_prompts']}/6 → {held_out['policy']['toxic_prompts']}/6" in headline
+    assert "ROUGE-L" in headline and "distinct-2" in headline
     for name in ("config.yaml", "history.jsonl", "metrics.json", "report.html", "samples.csv",
                  "adapter/adapter_model.safetensors", "adapter/value_head.safetensors", "adapter/adapter_config.json"):
         assert (run / name).is_file(), name

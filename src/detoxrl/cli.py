@@ -266,6 +266,15 @@ def layered_config(args: argparse.Namespace) -> Config:
     return build_config(args.preset or (None if args.config else DEFAULT_PRESET), args.config, overrides)
 
 
+def print_headline(metrics_file) -> None:
+    """The evaluation's verdict, as the last thing a long command prints before the path of its report."""
+    from rich.console import Console
+
+    from .evaluation.compare import headline_table, read_metrics
+
+    Console().print(headline_table(read_metrics(metrics_file)))
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -286,7 +295,10 @@ def run(argv: list[str] | None = None) -> int:
             raise DetoxError("--resume_with_changes needs --resume")
         out = train(layered_config(args), resume=args.resume, resume_with_changes=args.resume_with_changes)
         if int(os.environ.get("RANK", "0")) == 0:
-            written = "adapter, metrics and report" if RunDir(out).report.is_file() else \
+            evaluated = RunDir(out).report.is_file()
+            if evaluated:
+                print_headline(RunDir(out).metrics)
+            written = "adapter, metrics and report" if evaluated else \
                 "adapter and metrics (no evaluation: eval.enabled is false)"
             print(f"done: {written} are in {out}")
     elif args.command == "sft":
@@ -299,6 +311,7 @@ def run(argv: list[str] | None = None) -> int:
 
         out = evaluate_run(args.run_dir, dataset=args.dataset, output_dir=args.output_dir, overwrite=args.overwrite,
                            overrides=collect_overrides(args))
+        print_headline(RunDir(out).metrics)
         print(f"report: {RunDir(out).report}")
     elif args.command == "compare":
         from rich.console import Console
