@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 
 from detoxrl.config import build_config
 from detoxrl.data import build_splits
-from detoxrl.evaluation.evaluate import EVAL_STREAM
+from detoxrl.sampling import EVAL_STREAM
 from detoxrl.evaluation.stats import mcnemar_exact, per_prompt_statistics, quality_metrics, side_summary
 from detoxrl.policy import load_policy
 from detoxrl.rewards import HateSonarScorer, ProfanityScorer, build_reward

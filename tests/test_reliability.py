@@ -729,6 +729,19 @@ def test_ctrl_c(tmp_path, tiny_t5, tiny_classifier, run_cli, monkeypatch, at_ste
     assert (out / "metrics.json").is_file()
 
 
+def test_a_half_deleted_checkpoint_is_removed_by_the_next_rotation(tmp_path, run_cli, finished_run):
+    """A kill during rotation can leave an old checkpoint without its marker; it is no checkpoint, and the next
+    save deletes it instead of keeping it forever."""
+    run = unfinished_copy(finished_run, tmp_path)
+    leftover = run / "checkpoints" / "step-0000000"
+    leftover.mkdir()
+    (leftover / "trainable.safetensors").write_bytes(b"half deleted")
+    code, _, err = run_cli(["train", "--output_dir", run, "--resume", "--rl.steps", "3", "--resume_with_changes"])
+    assert code == 0, err
+    assert not leftover.exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+
+
 def test_resume_refuses_settings_that_change_the_result(tmp_path, run_cli, finished_run):
     run = unfinished_copy(finished_run, tmp_path)
     before = tree(run)

@@ -322,7 +322,7 @@ def reward_of(scorer, **settings) -> Reward:
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_reward_rejects_non_finite_values(bad):
-    with pytest.raises(DetoxError, match=r"NaN or infinite for 1 of 3 texts \(term scorer\)"):
+    with pytest.raises(DetoxError, match=r"NaN or infinite for 1 of 3 texts \(scorer fixed\)"):
         reward_of(FixedScorer([0.5, bad, 1.0]))(["q1", "q2", "q3"], ["r1", "r2", "r3"])
 
 

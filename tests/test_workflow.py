@@ -175,7 +175,7 @@ def test_generate_with_reference_pairs_the_seeds(finished_runs, run_cli):
                                                       "--jsonl").splitlines()]
     config = build_config(config_file=run / "config.yaml")
     policy = load_policy(config.model, adapter=run / "adapter")
-    from detoxrl.generate import GENERATE_STREAM
+    from detoxrl.sampling import GENERATE_STREAM
     from detoxrl.rl.rollout import generate, sample_seeds
 
     with policy.reference_model() as reference:

@@ -34,7 +34,7 @@ _EXPORTS = {
     "build_reward": ("detoxrl.rewards", "build_reward"),
     "load_policy": ("detoxrl.policy", "load_policy"),
     "build_splits": ("detoxrl.data", "build_splits"),
-    "load_run": ("detoxrl.generate", "load_run"),
+    "load_run": ("detoxrl.rundir", "load_run"),
     "generate_responses": ("detoxrl.generate", "generate_responses"),
     "export_run": ("detoxrl.export", "export_run"),
     "write_model_card": ("detoxrl.modelcard", "write_model_card"),

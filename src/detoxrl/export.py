@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .errors import DetoxError
-from .generate import Run, load_run
+from .rundir import Run, load_run
 from .modelcard import CARD_FILE, write_model_card
 from .policy import portable_base
 from .rundir import atomic_write_dir

@@ -9,55 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import torch
-
-from .config import Config, load_run_config
+from .config import Config
 from .errors import DetoxError
-from .policy import Policy, load_policy
-from .rundir import RunDir
+from .policy import Policy
+from .rundir import load_run
 
-GENERATE_STREAM = 2_000_003  # keeps these samples' seeds apart from training's and evaluation's
-
-
-@dataclass
-class Run:
-    """A finished run: its directory, resolved settings and final metrics."""
-
-    dir: RunDir
-    config: Config
-    metrics: dict
-
-    @property
-    def path(self) -> Path:
-        return self.dir.path
-
-    def load_policy(self) -> Policy:
-        """The run's base model with its trained adapter."""
-        return load_policy(self.config.model, adapter=self.dir.adapter, device=self.config.device)
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Open a finished run; a directory that is not one, or a run that did not finish, is an error."""
-    run = RunDir(run_dir)
-    if not run.path.is_dir():
-        raise DetoxError(f"run directory {run.path} does not exist" if not run.path.exists()
-                         else f"{run.path} is a file, not a run directory")
-    if not run.config.is_file():
-        raise DetoxError(f"{run.path} is not a detoxrl run directory (config.yaml is missing)")
-    if not run.is_finished():
-        raise DetoxError(f"the run in {run.path} did not finish (metrics.json is missing); use a finished run "
-                         f"(an interrupted train run continues with: detoxrl train --output_dir {run.path} --resume)")
-    if not (run.adapter / "adapter_config.json").is_file():
-        raise DetoxError(f"{run.path} has no adapter (adapter/adapter_config.json is missing)")
-    try:
-        metrics = json.loads(run.metrics.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DetoxError(f"cannot read {run.metrics}: {exc}") from None
-    return Run(run, load_run_config(run.config), metrics)
 
 
 def read_prompts(config: Config, texts: list[str], file: str | None, stdin: Iterable[str] | None,
@@ -114,34 +73,15 @@ def _prompts_from_file(path: Path, config: Config, fill) -> list[str]:
     return prompts
 
 
-@torch.inference_mode()
-def greedy(policy: Policy, model: torch.nn.Module, prompts: list[str], config: Config) -> list[str]:
-    """The most likely tokens, step by step: the sampler's generation settings without its noise."""
-    from .rl.rollout import hf_generation_config
-
-    query = policy.tokenize_prompts(prompts, config.data.max_prompt_tokens, next(model.parameters()).device)
-    out = model.generate(**query, generation_config=hf_generation_config(config.generation, policy, False))
-    start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
-    return [t.strip() for t in policy.tokenizer.batch_decode(out.sequences[:, start:], skip_special_tokens=True)]
-
-
 def generate_responses(policy: Policy, config: Config, prompts: list[str], use_greedy: bool = False,
                        with_reference: bool = False, batch_size: int | None = None) -> list[dict[str, str]]:
     """One response per prompt (and the reference model's, for the same seed); in batches."""
-    from .evaluation.evaluate import eval_mode, inference_weights
-    from .rl.rollout import generate, sample_seeds
-
-    batch_size = batch_size or config.eval.batch_size
-    seeds = sample_seeds(config.seed, GENERATE_STREAM, count=len(prompts))
+    from .sampling import GENERATE_STREAM, eval_mode, greedy, inference_weights, sample, texts_of
 
     def respond(model) -> list[str]:
-        texts = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            texts += greedy(policy, model, chunk, config) if use_greedy else generate(
-                policy, model, chunk, config.generation, config.data.max_prompt_tokens, seeds[i : i + batch_size]
-            ).responses
-        return texts
+        if use_greedy:
+            return greedy(policy, model, prompts, config, batch_size)
+        return texts_of(sample(policy, model, prompts, config, 1, GENERATE_STREAM, batch_size=batch_size))
 
     rows = [{"prompt": p} for p in prompts]
     with eval_mode(policy.module):

@@ -21,17 +21,21 @@ safetensors' own writer) start private.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import DetoxError
+
+# The file that marks a checkpoint complete (detoxrl.rl.checkpoint writes it last).
+CHECKPOINT_MARKER = "state.json"
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,43 @@ def check_resume(run: RunDir, saved: Mapping[str, Any], new: Mapping[str, Any], 
     return changed
 
 
+# ----------------------------------------------------------------------------------------------- a run's lifecycle
+
+
+@contextlib.contextmanager
+def run_lifecycle(config, resume: bool = False, resume_with_changes: bool = False, main: bool = True,
+                  barrier: Callable[[], None] = lambda: None) -> Iterator[RunDir]:
+    """What every command that makes a run (train, sft) does around its work, written once.
+
+    Before: a resume is checked against the saved settings (:func:`check_resume`); the output directory
+    is prepared (a finished or foreign run is refused) and the settings are saved. After a failure
+    (also Ctrl-C): what this run wrote is removed, unless a checkpoint or a trained adapter is there to
+    continue from, so the same command can run again. The caller ends with :func:`finish`. ``main``
+    and ``barrier``: only the main process writes; the others wait for it.
+    """
+    out = RunDir(config.output_dir)
+    if resume and out.config.is_file() and not out.is_finished():
+        from .config import load_run_config
+
+        check_resume(out, load_run_config(out.config).to_dict(), config.to_dict(), resume_with_changes)
+    created, was_empty = prepare_output_dir(out.path, resume) if main else (False, False)
+    barrier()
+    try:
+        if main:
+            config.save(out.config)
+        yield out
+    except BaseException:
+        worth_keeping = any(out.checkpoints.glob(f"*/{CHECKPOINT_MARKER}")) or out.adapter.is_dir()
+        if main and (created or was_empty) and not worth_keeping:
+            remove_partial_run(out.path, keep_directory=not created)
+        raise
+
+
+def finish(out: RunDir, metrics: Mapping[str, Any]) -> Path:
+    """Write metrics.json, last: its presence marks the run finished."""
+    return atomic_write_json(out.metrics, metrics)
+
+
 # ----------------------------------------------------------------------------------------------- the directory
 
 
@@ -289,3 +330,47 @@ def remove_partial_run(out: str | Path, keep_directory: bool) -> None:
                 child.unlink(missing_ok=True)
     except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------------------------- finished runs
+
+
+@dataclass
+class Run:
+    """A finished run: its directory, resolved settings and final metrics."""
+
+    dir: RunDir
+    config: Any  # detoxrl.config.Config
+    metrics: dict
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    def load_policy(self):
+        """The run's base model with its trained adapter (a :class:`detoxrl.policy.Policy`)."""
+        from .policy import load_policy
+
+        return load_policy(self.config.model, adapter=self.dir.adapter, device=self.config.device)
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Open a finished run; a directory that is not one, or a run that did not finish, is an error."""
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise DetoxError(f"run directory {run.path} does not exist" if not run.path.exists()
+                         else f"{run.path} is a file, not a run directory")
+    if not run.config.is_file():
+        raise DetoxError(f"{run.path} is not a detoxrl run directory (config.yaml is missing)")
+    if not run.is_finished():
+        raise DetoxError(f"the run in {run.path} did not finish (metrics.json is missing); use a finished run "
+                         f"(an interrupted train run continues with: detoxrl train --output_dir {run.path} --resume)")
+    if not (run.adapter / "adapter_config.json").is_file():
+        raise DetoxError(f"{run.path} has no adapter (adapter/adapter_config.json is missing)")
+    try:
+        metrics = json.loads(run.metrics.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DetoxError(f"cannot read {run.metrics}: {exc}") from None
+    from .config import load_run_config
+
+    return Run(run, load_run_config(run.config), metrics)

@@ -26,7 +26,7 @@ from .data import build_splits, load_rows
 from .errors import DetoxError
 from .modelcard import write_model_card
 from .policy import Policy, load_policy
-from .rundir import RunDir, atomic_write_dir, atomic_write_json, prepare_output_dir, remove_partial_run, write_history
+from .rundir import RunDir, atomic_write_dir, finish, run_lifecycle, write_history
 
 IGNORE_INDEX = -100  # label of the prompt tokens: no loss on them
 
@@ -113,7 +113,8 @@ def training_arguments(config: Config, logs_dir: Path) -> TrainingArguments:
 
 def rouge_before_after(config: Config, policy: Policy, test_rows: Dataset) -> dict:
     """ROUGE of the base model and of the adapter against the references, on the same sampled seeds."""
-    from .evaluation.evaluate import eval_mode, inference_weights, response_kl, sample, texts_of
+    from .evaluation.evaluate import response_kl
+    from .sampling import eval_mode, inference_weights, sample, texts_of
     from .evaluation.stats import rouge_scores
 
     prompts, references = list(test_rows["prompt"]), list(test_rows[config.data.reference_column])
@@ -139,23 +140,15 @@ def sft(config: Config) -> Path:
     """
     config.validate()
     check_targets(config)
-    out, state = RunDir(config.output_dir), PartialState()
-    created, was_empty = prepare_output_dir(out.path, resume=False) if state.is_main_process else (False, False)
-    state.wait_for_everyone()
-    try:
+    state = PartialState()
+    with run_lifecycle(config, main=state.is_main_process, barrier=state.wait_for_everyone) as out:
         return _sft(config, out, state.is_main_process)
-    except BaseException:
-        if (created or was_empty) and not out.adapter.is_dir():  # a saved adapter is never thrown away
-            remove_partial_run(out.path, keep_directory=not created)
-        raise
 
 
 def _sft(config: Config, out: RunDir, main: bool) -> Path:
     started = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
-    if main:
-        config.save(out.config)
     train_rows, test_rows = build_splits(config.data)
     policy = load_policy(config.model, device=config.device)
     column = config.data.reference_column
@@ -189,6 +182,6 @@ def _sft(config: Config, out: RunDir, main: bool) -> Path:
         metrics["evaluation"] = rouge_before_after(config, policy, test_rows)
     metrics["run"]["wall_seconds"] = round(time.time() - started, 1)
     write_model_card(config, out.adapter, metrics)
-    atomic_write_json(out.metrics, metrics)  # last: marks the run finished
+    finish(out, metrics)
     return out.path
 

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .config import Config, load_run_config
+from .config import Config
 from .data import build_splits
 from .errors import DetoxError
 from .policy import load_policy
@@ -23,10 +23,7 @@ from .rl import checkpoint
 from .rl.trainer import RLTrainer, build_accelerator
 from .rewards import build_reward
 from .rewards.composite import Reward
-from .rundir import (
-    RunDir, atomic_write_dir, atomic_write_json, check_resume, prepare_output_dir, read_history, remove_partial_run,
-    write_history,
-)
+from .rundir import RunDir, atomic_write_dir, finish, read_history, run_lifecycle, write_history
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +52,10 @@ def train(config: Config, resume: bool = False, resume_with_changes: bool = Fals
     saved ones unless ``resume_with_changes`` (then the changes are recorded in the run).
     """
     config.validate()
-    out = Path(config.output_dir)
-    run = RunDir(out)
-    if resume and run.config.is_file() and not run.is_finished():
-        check_resume(run, load_run_config(run.config).to_dict(), config.to_dict(), resume_with_changes)
     accelerator = build_accelerator(config)
-    created, was_empty = prepare_output_dir(out, resume) if accelerator.is_main_process else (False, False)
-    accelerator.wait_for_everyone()
-    try:
+    with run_lifecycle(config, resume, resume_with_changes, accelerator.is_main_process,
+                       accelerator.wait_for_everyone):
         return _train(config, accelerator, resume, reward)
-    except BaseException:
-        # Nothing the user made is lost: without a checkpoint or a saved adapter, remove only what this run wrote
-        # (the directory if we created it, its contents if it was empty), so the same command can be run again.
-        keep = checkpoint.list_checkpoints(run.checkpoints) or run.adapter.is_dir()
-        if (created or was_empty) and not keep:  # a trained adapter or a checkpoint is never thrown away
-            remove_partial_run(out, keep_directory=not created)
-        raise
 
 
 def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Reward | None) -> Path:
@@ -81,8 +66,6 @@ def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Rewar
         torch.set_num_threads(config.threads)
     set_seed(config.seed)
     main = accelerator.is_main_process
-    if main:
-        config.save(run.config)
 
     train_rows, test_rows = build_splits(config.data)
     test_prompts, test_groups = list(test_rows["prompt"]), evaluation_groups(test_rows, config)
@@ -166,7 +149,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Rewar
         from .modelcard import write_model_card
 
         write_model_card(config, run.adapter, metrics)
-        atomic_write_json(run.metrics, metrics)  # written last: its presence marks a finished run
+        finish(run, metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # flushes trackers; also ends the process group, so it comes last
     return out

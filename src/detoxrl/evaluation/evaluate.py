@@ -4,7 +4,6 @@ training reward and by held-out evaluators that training never saw; see docs/eva
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from ..config import Config
@@ -23,7 +21,8 @@ from ..hub import load_pretrained
 from ..policy import Policy, forward_response
 from ..rewards import BUILTIN, Scorer, build_evaluator
 from ..rewards.composite import Reward, reward_unit
-from ..rl.rollout import Rollout, generate, reference_logprobs, sample_seeds
+from ..rl.rollout import Rollout, reference_logprobs
+from ..sampling import eval_mode, inference_weights, sample, texts_of
 from ..rundir import RunDir, atomic_write_text
 from .report import render_report
 from .stats import (
@@ -36,61 +35,9 @@ from .stats import (
     write_table_csv,
 )
 
-EVAL_STREAM = 1_000_003  # keeps evaluation samples apart from the training steps' seeds
 logger = logging.getLogger(__name__)
 GROUP_QUALITY = ("rougeL", "distinct_2", "distinct_2_per_prompt", "length_mean", "empty_responses",
                  "repeated_token_responses")
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module):
-    """``module`` in eval mode (no dropout) for the duration; its previous mode is restored on exit."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
-
-
-@contextlib.contextmanager
-def inference_weights(policy: Policy):
-    """The policy in eval mode with its LoRA folded into the base weights, unfolded on exit.
-
-    An unmerged LoRA adds two small matmuls per adapted layer and step; merged, sampling costs
-    what the base model costs. Unmerging subtracts the same update again, so the base weights
-    come back up to float rounding.
-    """
-    with eval_mode(policy.module):
-        if any(p.dtype != torch.float32 for p in policy.model.parameters() if not p.requires_grad):
-            yield policy.model  # folding an fp32 LoRA into bf16/fp16 base weights would round it away
-            return
-        policy.model.merge_adapter()
-        try:
-            yield policy.model
-        finally:
-            policy.model.unmerge_adapter()
-
-
-def sample(policy: Policy, model: torch.nn.Module, prompts: list[str], config: Config, samples: int,
-           desc: str | None = None, record_model_logprobs: bool = False) -> list[Rollout]:
-    """``samples`` responses per prompt (prompt-major order), in batches of ``eval.batch_size``.
-
-    The i-th sample gets the same seed whichever model draws it: a paired comparison with common
-    randomness, and fixed seeds across calls for learning curves.
-    """
-    batch_size = config.eval.batch_size
-    expanded = [p for p in prompts for _ in range(samples)]
-    seeds = sample_seeds(config.seed, EVAL_STREAM, count=len(expanded))
-    return [generate(policy, model, expanded[i : i + batch_size], config.generation,
-                     config.data.max_prompt_tokens, seeds[i : i + batch_size],
-                     record_model_logprobs=record_model_logprobs)
-            for i in tqdm(range(0, len(expanded), batch_size), desc=desc, unit="batch", leave=False,
-                          disable=desc is None)]
-
-
-def texts_of(rollouts: list[Rollout]) -> list[str]:
-    return [t for r in rollouts for t in r.responses]
 
 
 def response_kl(policy: Policy, rollouts: list[Rollout], config: Config) -> np.ndarray:

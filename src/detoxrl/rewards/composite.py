@@ -82,7 +82,8 @@ class Reward:
     def term_values(self, prompts: list[str], completions: list[str], **context) -> dict[str, np.ndarray]:
         """Each term's value per completion, unweighted; a term that returns the wrong count, non-numbers or
         a NaN is an error naming it."""
-        return {t.name: checked(t.name, t.function(list(prompts), list(completions), **context), len(completions))
+        return {t.name: checked(t.name, t.function(list(prompts), list(completions), **context), len(completions),
+                                f"scorer {self.scorer.name}" if t.name == "scorer" else f"term {t.name}")
                 for t in self.terms}
 
     def combine(self, values: dict[str, np.ndarray]) -> np.ndarray:
@@ -127,7 +128,8 @@ def novelty(prompts, completions, batch=None, **kwargs):
 # ----------------------------------------------------------------------------------------------- checks and names
 
 
-def checked(name: str, result, count: int) -> np.ndarray:
+def checked(name: str, result, count: int, label: str) -> np.ndarray:
+    """``result`` as one finite float32 per completion; ``label`` names the term in the NaN error."""
     try:
         values = np.asarray(result, dtype=np.float32).reshape(-1)
     except (TypeError, ValueError):
@@ -137,7 +139,7 @@ def checked(name: str, result, count: int) -> np.ndarray:
         raise DetoxError(f"reward term {name!r} returned {len(values)} values for {count} completions")
     bad = ~np.isfinite(values)
     if bad.any():
-        raise DetoxError(f"the reward is NaN or infinite for {int(bad.sum())} of {count} texts (term {name}); "
+        raise DetoxError(f"the reward is NaN or infinite for {int(bad.sum())} of {count} texts ({label}); "
                          "fix the function or clip its output")
     return values
 

@@ -23,9 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import DetoxError
+from ..rundir import CHECKPOINT_MARKER
 
 PREFIX = "step-"
-COMPLETE = "state.json"
+COMPLETE = CHECKPOINT_MARKER  # written last: a directory without it is no checkpoint
 
 
 def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -128,10 +129,16 @@ def _save(root, keep, target, staging, acc, module, optimizer, scheduler, state)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         fsync(root)  # the rename itself, before the older checkpoints it replaces are deleted
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        for old in (list_checkpoints(root)[:-keep] if keep > 0 else []) + unmarked(root):
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return target
+
+
+def unmarked(root: Path) -> list[Path]:
+    """Checkpoint directories without their marker: what a deletion cut short by a kill leaves (a checkpoint
+    gets its final name only once complete), never a checkpoint to resume from."""
+    return [p for p in root.iterdir() if p.name.startswith(PREFIX) and not (p / COMPLETE).is_file()]
 
 
 def list_checkpoints(root: Path) -> list[Path]:
