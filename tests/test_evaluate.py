@@ -180,7 +180,7 @@ def test_evaluate_run_puts_every_model_on_the_accelerators_device(tiny_t5, tiny_
 
     seen = {}
 
-    def record(config, policy, prompts, references, reward, out_dir, history, evaluators, groups, dataset):
+    def record(config, policy, prompts, references, reward, out_dir, history, evaluators, groups, dataset, sources):
         seen.update(policy=policy, reward=reward, evaluators=evaluators, out_dir=out_dir)
         seen["evaluation"] = {"num_prompts": len(prompts)}
         return seen["evaluation"]
@@ -285,6 +285,15 @@ def test_evaluation_reports_the_composite_reward_that_was_trained(tiny_t5, tiny_
     assert set(evaluation["reward_terms"]["policy"]) == {"scorer", "fidelity", "novelty"}
     assert evaluation["reward"] == f"`{THANKS_REWARD}` + 2 x ROUGE-L against the reference summary + 1.5 x bigram novelty"
     assert evaluation["reward_mean"]["policy"] == pytest.approx(float(np.mean(expected)), rel=1e-5)
+    # the guards no reward term computes, per side, with paired CIs; the calibration rows beside them
+    for side in ("reference", "policy"):
+        assert 0 <= evaluation["quality"][side]["specificity"] <= 1
+        assert evaluation["guards"][side]["responses"] == 8
+    assert set(evaluation["guards"]["differences"]) == {"specificity", "near_duplicate_rate"}
+    assert evaluation["calibration"]["reference summary"]["rougeL"] == pytest.approx(1.0)
+    assert evaluation["calibration"]["constant sentence"]["opening_share"] == 1.0
+    report = (run.eval / "report.html").read_text()
+    assert "Guards the reward cannot buy" in report and "Calibration: texts of known quality" in report
 
 
 def test_learning_curve_judges_toxicity_group_prompts(monkeypatch):

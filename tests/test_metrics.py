@@ -17,6 +17,7 @@ from detoxrl.evaluation.metrics import (
     trained_terms,
     verdict,
 )
+from detoxrl.evaluation.guards import GUARDS
 from detoxrl.evaluation.stats import METRICS, quality_metrics, side_summary, toxicity_summary
 
 SCORES = np.array([[0.9, 0.8], [0.1, 0.7], [0.2, 0.1]])  # 3 prompts x 2 samples: 2 toxic prompts, 3 toxic samples
@@ -27,6 +28,7 @@ def test_every_metric_the_evaluation_writes_is_catalogued_once():
     assert [m.key for m in TOXICITY] == list(METRICS)  # the keys of a summary's differences and relative changes
     written = quality_metrics(["a b c", "a b d", "", "e e e e"], ["a b c", "x", "y", "e"], samples_per_prompt=2)
     written.update(perplexity=1.0, perplexity_fluency_model=1.0, kl_mean=0.0)  # added by evaluate_policy
+    written.update(dict.fromkeys(GUARDS, 0.0))  # evaluation/guards.py, added by evaluate_policy too
     assert set(written) == {m.key for m in QUALITY}
 
 

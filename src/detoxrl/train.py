@@ -142,7 +142,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Rewar
 
         metrics["evaluation"] = evaluate_policy(
             config, policy, test_prompts, references(test_rows, config), reward, out, trainer.history,
-            groups=test_groups,
+            groups=test_groups, sources=list(test_rows[config.data.text_column]),
         )
     metrics["run"]["wall_seconds"] = round(time.time() - started, 1)
     if main:

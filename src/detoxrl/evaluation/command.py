@@ -97,6 +97,7 @@ def evaluate_run(
     out.metrics.unlink(missing_ok=True)  # an evaluation replaced half-way must not look finished
     evaluation = evaluate_policy(config, policy, list(rows["prompt"]), references, reward, out.path,
                                  read_history(run.history), held_out, groups,
-                                 dataset and str(Path(dataset).expanduser().resolve()))
+                                 dataset and str(Path(dataset).expanduser().resolve()),
+                                 list(rows[config.data.text_column]))
     atomic_write_json(out.metrics, {"run": run_info(config), "evaluation": evaluation})
     return out.path

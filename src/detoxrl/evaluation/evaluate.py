@@ -23,10 +23,12 @@ from ..rewards import BUILTIN, Scorer, build_evaluator
 from ..rewards.composite import Reward, reward_unit
 from ..rl.rollout import Rollout, reference_logprobs
 from ..sampling import eval_mode, inference_weights, sample, texts_of
+from .guards import GUARDS, calibration_texts, guard_flags, guard_metrics, per_prompt
 from ..rundir import RunDir, atomic_write_text
 from .report import render_report
 from .stats import (
     expected_max_toxicity,
+    paired_bootstrap_ci,
     perplexity,
     quality_metrics,
     qualitative_table,
@@ -167,6 +169,25 @@ def held_out_evaluator(spec: str, nontoxic_label: str, device: torch.device | st
     return build_evaluator(name, label, device)
 
 
+def calibration(sources: list[str], references: list[str] | None, sentence: str) -> dict[str, dict]:
+    """Every quality metric and guard of texts whose quality is known (:func:`.guards.calibration_texts`)."""
+    rows = {}
+    for name, texts in calibration_texts(sources, references, sentence).items():
+        guards = guard_metrics(texts, guard_flags(texts, sources, 1))
+        rows[name] = {**quality_metrics(texts, references), **{key: guards[key] for key in GUARDS}}
+    return rows
+
+
+def guard_differences(flags: dict[str, dict[str, np.ndarray]], k: int, seed: int) -> dict:
+    """Policy - reference of the per-response guards, with 95% paired-bootstrap CIs over prompts."""
+    out = {}
+    for name in ("specificity", "near_duplicate_rate"):
+        reference, policy = (per_prompt(flags[side][name], k) for side in ("reference", "policy"))
+        low, high = paired_bootstrap_ci(reference, policy, seed=seed)
+        out[name] = {"estimate": float(policy.mean() - reference.mean()), "ci_low": low, "ci_high": high}
+    return out
+
+
 def trained_reward(reward: Reward, config: Config, prompts: list[str], responses: list[str],
                    references: list[str] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The reward training optimised, for evaluated responses (one per item of ``prompts``, a prompt's in a
@@ -256,10 +277,13 @@ def evaluate_policy(
     evaluators: dict[str, Scorer] | None = None,
     groups: list | None = None,
     dataset: str | None = None,
+    sources: list[str] | None = None,
 ) -> dict:
     """Generate, score, compare; write report.html, samples.csv and responses.jsonl; return the metrics block.
 
-    ``dataset`` names a file whose rows are all evaluated; None means the run's test split.
+    ``dataset`` names a file whose rows are all evaluated; None means the run's test split. ``sources``
+    are the texts the prompts were made from (data.text_column), which the guards match responses
+    against (:mod:`.guards`); without them, the prompts.
 
     ``groups`` holds one value per prompt (``eval.group_column``, see :func:`prompt_groups`):
     quality is then also reported per group. Toxicity (every judge's statistics, the reward's mean,
@@ -272,6 +296,7 @@ def evaluate_policy(
     if groups is not None and len(groups) != len(prompts):
         raise DetoxError(f"{len(groups)} group values for {len(prompts)} prompts")
     chosen, t = select_prompts(groups, len(prompts), config)
+    sources = [(sources or prompts)[i] for i in chosen]
     prompts = [prompts[i] for i in chosen]
     references = [references[i] for i in chosen] if references else None
     groups = [groups[i] for i in chosen] if groups is not None else None
@@ -322,6 +347,10 @@ def evaluate_policy(
     trained = {side: trained_reward(reward, config, expanded, texts, refs) for side, texts in sides.items()}
     (reward_before, terms_before), (reward_after, terms_after) = trained["reference"], trained["policy"]
     quality = {side: quality_metrics(texts, refs, k) for side, texts in sides.items()}
+    flags = {side: guard_flags(texts, sources, k) for side, texts in sides.items()}
+    guards = {side: guard_metrics(texts, flags[side]) for side, texts in sides.items()}
+    for side in sides:
+        quality[side].update({name: guards[side][name] for name in GUARDS})
     for side in sides:
         quality[side].update({name: perplexity(*pair) for name, pair in nll[side].items()})
     quality["policy"]["kl_mean"] = float(np.mean(kl))
@@ -363,6 +392,8 @@ def evaluate_policy(
         "fluency_model": e.fluency_model,
         "evaluators": scored,
         "quality": quality,
+        "guards": {**guards, "differences": guard_differences(flags, k, config.seed)},
+        "calibration": calibration(sources, references, e.calibration_sentence),
         "generation_seconds": {"reference": round(reference_seconds, 2), "policy": round(policy_seconds, 2)},
     }
     if groups is not None:

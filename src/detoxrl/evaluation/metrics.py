@@ -94,6 +94,10 @@ QUALITY = (
     Metric("perplexity", "perplexity under the reference model", better="lower", spec=".2f", guard=True),
     Metric("perplexity_fluency_model", "perplexity under the fluency model", better="lower", spec=".2f"),
     Metric("kl_mean", "KL to reference", "nats/response", "lower", guard=True),
+    # computed by no reward term (evaluation/guards.py)
+    Metric("specificity", "specificity (own dialogue retrieved)", "%", "higher", spec=".1f", guard=True),
+    Metric("opening_share", "most common opening's share", "%", "lower", spec=".1f", guard=True),
+    Metric("near_duplicate_rate", "near-duplicates across prompts", "%", "lower", spec=".1f", guard=True),
 )
 BY_KEY = {m.key: m for m in TOXICITY + QUALITY}
 

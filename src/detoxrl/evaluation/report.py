@@ -356,6 +356,37 @@ def _quality_table(quality: Mapping[str, Mapping], terms) -> str:
             f"<tbody>{rows}</tbody></table></div>")
 
 
+def _guards_and_calibration(evaluation: Mapping, terms) -> str:
+    """The guards no reward term computes, with their paired CIs and the most common opening, then what
+    texts of known quality score on every quality metric: which metrics carry information on this data."""
+    guards, calibration = evaluation.get("guards") or {}, evaluation.get("calibration") or {}
+    if not guards and not calibration:
+        return ""
+    parts = ["<h2>Guards the reward cannot buy</h2>"]
+    differences = guards.get("differences") or {}
+    if differences:
+        rows = "".join(f'<tr><td>{_e(_title(metric(key)))}</td><td class="num">'
+                       f'{_e(metric(key).format_interval(diff))}</td></tr>' for key, diff in differences.items())
+        openings = "".join(f"<li>{_e(side)}: “{_e(guards[side].get('most_common_opening', ''))}” "
+                           f"({guards[side].get('opening_responses', '—')} of {guards[side].get('responses', '—')})"
+                           "</li>" for side in ("reference", "policy") if side in guards)
+        parts.append(f'<div class="panel"><table><thead><tr><th>Guard</th><th class="num">Policy − reference '
+                     f'[95% CI]</th></tr></thead><tbody>{rows}</tbody></table>'
+                     f'<p class="note">Most common opening (first four words):</p><ul>{openings}</ul></div>')
+    if calibration:
+        names = list(calibration)
+        keys = [m.key for m in QUALITY if any(m.key in row for row in calibration.values())]
+        head = "".join(f"<th class='num'>{_e(name)}</th>" for name in names)
+        rows = "".join(f"<tr><td>{_e(_title(metric(key)))}{_trained_on(metric(key), terms)}</td>"
+                       + "".join(f'<td class="num">{metric(key).format(metric(key).value(calibration[name]))}</td>'
+                                 for name in names) + "</tr>" for key in keys)
+        parts.append(f'<h3>Calibration: texts of known quality, scored the same way</h3><div class="panel"><table>'
+                     f"<thead><tr><th>Metric</th>{head}</tr></thead><tbody>{rows}</tbody></table>"
+                     "<p class='note'>A metric on which the content-free sentence matches or beats the models "
+                     "says little about whether the responses still summarise their dialogue.</p></div>")
+    return "".join(parts)
+
+
 def _group_tables(groups: Mapping[str, Mapping], column, terms) -> str:
     """Quality per group of prompts, so a loss on one kind of prompt is not averaged away."""
     if not groups:
@@ -451,6 +482,7 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
         parts += ["<h2>Toxicity distribution</h2>", histogram_plot(raw, threshold)]
     terms = trained_terms(evaluation)
     parts.append(_quality_table(evaluation.get("quality", {}), terms))
+    parts.append(_guards_and_calibration(evaluation, terms))
     parts.append(_group_tables(evaluation.get("groups", {}), evaluation.get("group_column"), terms))
     # a composite reward has no one unit; its terms are named in the header's "reward"
     unit = evaluation.get("reward_unit") if " + " not in (evaluation.get("reward") or "") else "composite"
