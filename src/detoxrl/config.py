@@ -177,9 +177,15 @@ class EvalConfig:
                              "prompts with the first evaluator: a learning curve in history.jsonl (0: off).")
     curve_prompts: int = _f(16, "Prompts in the learning-curve subset.")
     curve_samples: int = _f(2, "Responses per prompt in the learning-curve subset.")
+    calibration_sentence: str = _f(
+        "#Person1# complains to #Person2# about the problem and #Person2# agrees to fix it.",
+        "A content-free response that fits every prompt: the report scores it like a model (a calibration row), "
+        "so a reader sees which quality metrics a stock sentence can pass.")
 
     def check_prompt_selection(self) -> None:
-        """Refuse toxicity_group/control_prompts settings that cannot select prompts (also for ``evaluate``)."""
+        """Refuse evaluation settings that cannot select prompts or calibrate the guards (also for ``evaluate``)."""
+        if not self.calibration_sentence.strip():
+            raise DetoxError("eval.calibration_sentence must not be empty: the guards are calibrated with it")
         if self.control_prompts < 0:
             raise DetoxError(f"eval.control_prompts must be 0 or more, got {self.control_prompts}")
         if self.toxicity_group is None:
