@@ -27,12 +27,12 @@ from accelerate.utils import set_seed
 
 from detoxrl.config import build_config
 from detoxrl.data import build_splits
-from detoxrl.sampling import EVAL_STREAM
+from detoxrl.sampling import EVAL_STREAM, keyed_seeds
 from detoxrl.evaluation.stats import mcnemar_exact, per_prompt_statistics, quality_metrics, side_summary
 from detoxrl.policy import load_policy
 from detoxrl.rewards import HateSonarScorer, ProfanityScorer, build_reward
 from detoxrl.rewards.fidelity import rouge_l
-from detoxrl.rl.rollout import generate, sample_seeds
+from detoxrl.rl.rollout import generate
 from detoxrl.rl.trainer import RLTrainer
 
 RESULTS = Path("outputs/study")
@@ -50,7 +50,7 @@ def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scor
     hatesonar, profanity = scorers
     prompts = [r["prompt"] for r in rows for _ in range(k)]
     references = [r["summary"] for r in rows for _ in range(k)]
-    seeds = sample_seeds(config.seed, EVAL_STREAM, count=len(prompts))
+    seeds = keyed_seeds(config.seed, EVAL_STREAM, [r["prompt"] for r in rows], k)
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)

@@ -40,3 +40,19 @@ def test_a_sample_does_not_depend_on_its_batch(tiny_llama, tiny_t5):
         torch.testing.assert_close(both.logprobs[1, :n], alone.logprobs[0, :n], atol=1e-5, rtol=1e-5)
         other = generate(policy, policy.model, prompts[1:], settings, 64, [303])
         assert other.response_ids.tolist() != alone.response_ids.tolist()
+
+
+def test_evaluation_samples_are_keyed_by_prompt_and_index(tmp_path):
+    """Sample j of a prompt is the same response whatever k, the batch size or the prompts' order."""
+    from tiny import save_tiny_llama, tiny_run_config
+
+    from detoxrl.sampling import keyed_seeds, sample, texts_of
+
+    config = tiny_run_config(save_tiny_llama(tmp_path / "llama"), tmp_path / "run", **{"generation.max_new_tokens": 6})
+    policy = load_policy(config.model)
+    a, b = "the meeting about work", "a car and a home"
+    two = texts_of(sample(policy, policy.model, [a, b], config, 2, batch_size=4))
+    three = texts_of(sample(policy, policy.model, [b, a], config, 3, batch_size=1))
+    assert len(set(three)) > 1  # the samples differ: equal draws below are the same seeds, not a constant model
+    assert two[:2] == three[3:5] and two[2:] == three[:2]
+    assert len(set(keyed_seeds(0, 1, [a, b], 3))) == 6 and keyed_seeds(0, 1, [a], 1) != keyed_seeds(1, 1, [a], 1)

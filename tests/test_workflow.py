@@ -175,12 +175,13 @@ def test_generate_with_reference_pairs_the_seeds(finished_runs, run_cli):
                                                       "--jsonl").splitlines()]
     config = build_config(config_file=run / "config.yaml")
     policy = load_policy(config.model, adapter=run / "adapter")
-    from detoxrl.sampling import GENERATE_STREAM
-    from detoxrl.rl.rollout import generate, sample_seeds
+    from detoxrl.rl.rollout import generate
+    from detoxrl.sampling import GENERATE_STREAM, keyed_seeds
 
+    prompts = [r["prompt"] for r in rows]
     with policy.reference_model() as reference:
-        base = generate(policy, reference.eval(), [r["prompt"] for r in rows], config.generation,
-                        config.data.max_prompt_tokens, sample_seeds(config.seed, GENERATE_STREAM, count=2))
+        base = generate(policy, reference.eval(), prompts, config.generation, config.data.max_prompt_tokens,
+                        keyed_seeds(config.seed, GENERATE_STREAM, prompts, 1))
     assert [r["reference_response"] for r in rows] == base.responses
 
 

@@ -10,13 +10,15 @@ greedy decoding.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .config import Config
 from .policy import Policy
-from .rl.rollout import Rollout, generate, hf_generation_config, sample_seeds
+from .rl.rollout import Rollout, generate, hf_generation_config
 
 # Seed streams: training uses its step number, so these keep evaluation's and generate's samples apart.
 EVAL_STREAM = 1_000_003
@@ -53,18 +55,28 @@ def inference_weights(policy: Policy):
             policy.model.unmerge_adapter()
 
 
+def keyed_seeds(seed: int, stream: int, prompts: list[str], samples: int) -> list[int]:
+    """One seed per (prompt, sample index), prompt-major: sample j of a prompt is the same draw whatever the
+    number of samples, the batch size, the prompts' order or the processes, so evaluations nest."""
+    def prompt_id(prompt: str) -> int:
+        return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "little")
+
+    return [int(np.random.SeedSequence([seed, stream, prompt_id(p), j]).generate_state(1)[0])
+            for p in prompts for j in range(samples)]
+
+
 def sample(policy: Policy, model: torch.nn.Module, prompts: list[str], config: Config, samples: int,
            stream: int = EVAL_STREAM, desc: str | None = None, record_model_logprobs: bool = False,
            batch_size: int | None = None) -> list[Rollout]:
     """``samples`` responses per prompt (prompt-major order), in batches of ``batch_size`` (default
-    ``eval.batch_size``), seeded from ``config.seed`` and ``stream``.
+    ``eval.batch_size``), seeded by (``config.seed``, ``stream``, prompt, sample index): :func:`keyed_seeds`.
 
-    The i-th sample gets the same seed whichever model draws it: a paired comparison with common
+    Sample j of a prompt gets the same seed whichever model draws it: a paired comparison with common
     randomness, and fixed seeds across calls for learning curves.
     """
     batch_size = batch_size or config.eval.batch_size
     expanded = [p for p in prompts for _ in range(samples)]
-    seeds = sample_seeds(config.seed, stream, count=len(expanded))
+    seeds = keyed_seeds(config.seed, stream, prompts, samples)
     return [generate(policy, model, expanded[i : i + batch_size], config.generation,
                      config.data.max_prompt_tokens, seeds[i : i + batch_size],
                      record_model_logprobs=record_model_logprobs)
