@@ -20,10 +20,11 @@ import typing
 import warnings
 
 from .config import (
-    ALGORITHMS, LOSS_NORMALIZATIONS, MIXED_PRECISIONS, MODEL_DTYPES, PRESETS, SCORERS, TRANSFORMS, Config,
-    build_config, iter_fields, load_run_config,
+    LOSS_NORMALIZATIONS, MIXED_PRECISIONS, MODEL_DTYPES, PRESETS, SCORERS, TRANSFORMS, Config, build_config,
+    iter_fields, load_run_config,
 )
 from .errors import DetoxError
+from .rl.algorithms import ALGORITHMS
 from .rundir import RunDir
 
 DEFAULT_PRESET = "smollm2-offline"
@@ -34,7 +35,7 @@ SFT_ALIASES = {"model_name_or_path": "model.name_or_path", "learning_rate": "sft
 CHOICES = {
     "reward.scorer": SCORERS,
     "reward.transform": TRANSFORMS,
-    "rl.algorithm": ALGORITHMS,
+    "rl.algorithm": ALGORITHMS,  # the registry itself, so that algorithms registered later are offered too
     "rl.loss_normalization": LOSS_NORMALIZATIONS,
     "mixed_precision": MIXED_PRECISIONS,
     "model.dtype": MODEL_DTYPES,

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import DetoxError
+from .rl.algorithms import ALGORITHMS, algorithm_class
 
 RECIPE_PROMPT = "Summarize the following conversation.\n\n{text}\n\nSummary:\n"
 # The non-toxic class of the recipe's classifier (facebook/roberta-hate-speech-dynabench-r4-target): the
@@ -115,7 +116,7 @@ class GenerationConfig:
 
 @dataclass
 class RLConfig:
-    algorithm: str = _f("ppo", "ppo (learned critic) | rloo (leave-one-out baseline) | grpo (group-normalised).")
+    algorithm: str = _f("ppo", "Training algorithm, by its registered name (README \"Algorithms\" describes each).")
     steps: int = _f(10, "Training steps (one batch of rollouts each).")
     learning_rate: float = _f(1.41e-5, "Adam learning rate.")
     lr_scheduler: str = _f("constant", "transformers scheduler name: constant, linear, cosine, ...")
@@ -142,12 +143,10 @@ class RLConfig:
     value_head_lr_scale: float = _f(1.0, "ppo: value head learning rate relative to learning_rate.")
 
 
-ALGORITHMS = ("ppo", "rloo", "grpo")
 LOSS_NORMALIZATIONS = ("token", "sequence")
 SCORERS = ("classifier", "hatesonar", "profanity-check", "callable")
 TRANSFORMS = ("logit", "log_odds", "prob", "log_prob")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-CRITIC_SETTINGS = ("gamma", "lam", "cliprange_value", "vf_coef", "value_head_lr_scale")
 
 
 @dataclass
@@ -242,15 +241,7 @@ class Config:
             raise DetoxError(
                 f"rl.batch_size ({p.batch_size}) must be divisible by rl.mini_batch_size ({p.mini_batch_size})"
             )
-        if p.algorithm != "ppo":
-            if p.samples_per_prompt < 2:
-                raise DetoxError(f"rl.algorithm {p.algorithm} compares the responses to one prompt, so "
-                                 f"rl.samples_per_prompt must be at least 2, got {p.samples_per_prompt}")
-            defaults = RLConfig()
-            given = [n for n in CRITIC_SETTINGS if getattr(p, n) != getattr(defaults, n)]
-            if given:
-                raise DetoxError(f"rl.{given[0]} configures the value head, which rl.algorithm {p.algorithm} does "
-                                 "not have; remove it or use rl.algorithm ppo")
+        algorithm_class(p.algorithm).validate(p)
         if p.batch_size % p.samples_per_prompt:
             raise DetoxError(f"rl.batch_size ({p.batch_size}) must be divisible by rl.samples_per_prompt "
                              f"({p.samples_per_prompt}): each step samples batch_size / k prompts k times")

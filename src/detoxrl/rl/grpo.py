@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .algorithms import Algorithm, LossBatch, refuse_critic_settings, require_groups
 from .core import Reduce, aggregate_loss, clipped_surrogate, k3_kl
 
 
@@ -44,12 +45,14 @@ def grpo_losses(
     return policy_loss + kl_coef * kl_loss, stats
 
 
-class GRPO:
+class GRPO(Algorithm):
     name = "grpo"
     uses_critic = False
 
-    def __init__(self, config):
-        self.config = config
+    @classmethod
+    def validate(cls, config) -> None:
+        require_groups(config)
+        refuse_critic_settings(config)
 
     def advantages(self, batch, kl_coef: float, reduce: Reduce) -> tuple[torch.Tensor, None, dict[str, float]]:
         c = self.config
@@ -60,7 +63,8 @@ class GRPO:
         stats = {"grpo/flat_group_fraction": float(flat_groups[0] / flat_groups[1])}
         return advantages[:, None] * batch.mask, None, stats
 
-    def loss(self, logprobs, values, mb, advantages, returns, divisors, kl_coef: float):
-        c = self.config
-        return grpo_losses(logprobs, mb.logprobs, mb.ref_logprobs, advantages, mb.mask, c.cliprange, kl_coef,
-                           c.loss_normalization, divisors[c.loss_normalization])
+    def loss(self, batch: LossBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, statistics) of a micro-batch; the KL to the reference is a term of the loss."""
+        c, old = self.config, batch.rollout
+        return grpo_losses(batch.logprobs, old.logprobs, old.ref_logprobs, batch.advantages, old.mask, c.cliprange,
+                           batch.kl_coef, c.loss_normalization, batch.divisors[c.loss_normalization])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .algorithms import Algorithm, LossBatch
 from .core import Reduce, aggregate_loss, clipped_surrogate, masked_mean, masked_var, masked_whiten, no_reduce
 
 
@@ -101,14 +102,11 @@ def explained_variance(
     return float(1 - masked_var(returns - values, mask, reduce) / var_returns)
 
 
-class PPO:
+class PPO(Algorithm):
     """Per-token advantages from a learned critic."""
 
     name = "ppo"
     uses_critic = True
-
-    def __init__(self, config):
-        self.config = config  # RLConfig
 
     def advantages(self, batch, kl_coef: float, reduce: Reduce) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """(advantages [B, T], returns [B, T], statistics)."""
@@ -124,12 +122,12 @@ class PPO:
         }
         return advantages, returns, stats
 
-    def loss(self, logprobs, values, mb, advantages, returns, divisors, kl_coef: float):
+    def loss(self, batch: LossBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, statistics) of a micro-batch; the KL is already in the rewards."""
-        c = self.config
-        out = ppo_losses(logprobs, mb.logprobs, values, mb.values, advantages, returns, mb.mask, c.cliprange,
-                         c.cliprange_value, c.vf_coef, divisors[c.loss_normalization], c.loss_normalization,
-                         divisors["token"])
+        c, old = self.config, batch.rollout
+        out = ppo_losses(batch.logprobs, old.logprobs, batch.values, old.values, batch.advantages, batch.returns,
+                         old.mask, c.cliprange, c.cliprange_value, c.vf_coef, batch.divisors[c.loss_normalization],
+                         c.loss_normalization, batch.divisors["token"])
         return out.loss, {"loss/policy": out.policy_loss, "loss/value": out.value_loss,
                           "policy/clipfrac": out.clip_fraction, "policy/approxkl": out.approx_kl,
                           "ppo/val/clipfrac": out.value_clip_fraction}

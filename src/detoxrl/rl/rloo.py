@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .algorithms import Algorithm, LossBatch, refuse_critic_settings, require_groups
 from .core import Reduce, aggregate_loss, clipped_surrogate, masked_mean, masked_whiten, sequence_kl
 
 
@@ -21,12 +22,14 @@ def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (groups - baseline).reshape(-1)
 
 
-class RLOO:
+class RLOO(Algorithm):
     name = "rloo"
     uses_critic = False
 
-    def __init__(self, config):
-        self.config = config
+    @classmethod
+    def validate(cls, config) -> None:
+        require_groups(config)
+        refuse_critic_settings(config)
 
     def advantages(self, batch, kl_coef: float, reduce: Reduce) -> tuple[torch.Tensor, None, dict[str, float]]:
         c = self.config
@@ -38,10 +41,10 @@ class RLOO:
         stats = {"rloo/reward_with_kl_mean": float(masked_mean(rewards, reduce=reduce))}
         return advantages[:, None] * batch.mask, None, stats
 
-    def loss(self, logprobs, values, mb, advantages, returns, divisors, kl_coef: float):
+    def loss(self, batch: LossBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, statistics) of a micro-batch; the KL is already in the sequence rewards."""
-        c = self.config
-        per_token, clip_fraction, approx_kl = clipped_surrogate(logprobs, mb.logprobs, advantages, mb.mask,
-                                                                c.cliprange)
-        loss = aggregate_loss(per_token, mb.mask, c.loss_normalization, divisors[c.loss_normalization])
+        c, old = self.config, batch.rollout
+        per_token, clip_fraction, approx_kl = clipped_surrogate(batch.logprobs, old.logprobs, batch.advantages,
+                                                                old.mask, c.cliprange)
+        loss = aggregate_loss(per_token, old.mask, c.loss_normalization, batch.divisors[c.loss_normalization])
         return loss, {"loss/policy": loss.detach(), "policy/clipfrac": clip_fraction, "policy/approxkl": approx_kl}

@@ -1,10 +1,10 @@
-"""The training loop shared by PPO, RLOO and GRPO: rollout, reward, reference pass, then
-clipped policy updates over mini-batches.
+"""The training loop shared by PPO, RLOO, GRPO and any registered algorithm: rollout, reward, reference
+pass, then clipped policy updates over mini-batches.
 
-The algorithms differ only in how advantages are computed and in their loss
-(detoxrl.rl.ppo / rloo / grpo). accelerate owns devices, mixed precision, gradient
-synchronisation and trackers. The global batch is split across processes with the k responses
-of a prompt kept on one process, and statistics are reduced over all processes, so N
+The algorithms differ only in how advantages are computed, in their loss, and in any samples they add
+to the batch (detoxrl.rl.algorithms: the protocol and the registry). accelerate owns devices, mixed
+precision, gradient synchronisation and trackers. The global batch is split across processes with the
+k responses of a prompt kept on one process, and statistics are reduced over all processes, so N
 processes behave like one with the same global batch.
 """
 
@@ -28,16 +28,12 @@ from ..rewards import Scorer
 from ..rewards.composite import Reward, term_log_key
 from ..rundir import RunDir
 from . import checkpoint
+from .algorithms import LossBatch, algorithm_class
 from .core import AdaptiveKLController, FixedKLController, entropy_from_logits, logprobs_from_logits, loss_divisors
 from .core import masked_mean, sampling_logits, sequence_kl
-from .grpo import GRPO
-from .ppo import PPO
-from .rloo import RLOO
 from .rollout import Rollout, generate, reference_logprobs, rollout_from_responses, sample_seeds
 
 logger = logging.getLogger(__name__)
-
-ALGORITHMS = {"ppo": PPO, "rloo": RLOO, "grpo": GRPO}
 
 
 def build_accelerator(config: Config) -> Accelerator:
@@ -101,7 +97,7 @@ class RLTrainer:
             raise DetoxError("reward.fidelity_weight needs the reference response of every training prompt")
         self.references = references
         p = config.rl
-        self.algorithm = ALGORITHMS[p.algorithm](p)
+        self.algorithm = algorithm_class(p.algorithm)(p)
         self.accelerator = accelerator or build_accelerator(config)
         check_sharded_checkpointing(self.accelerator, config)
         world = self.accelerator.num_processes
@@ -185,6 +181,17 @@ class RLTrainer:
         return {"prompts": [p for p, _ in everyone], "completions": [r for _, r in everyone],
                 "offset": self.accelerator.process_index * len(prompts)}
 
+    def score(
+        self, prompts: list[str], responses: list[str], references: list[str] | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The reward of each response (one prompt and reference each) and each term's mean over all processes:
+        the rollout's, and that of the extra responses an algorithm samples (Algorithm.extra_rollout)."""
+        values, terms = self.reward(prompts, responses, references=references,
+                                    batch=self.reward_context(prompts, responses))
+        means = {term_log_key(name): float(masked_mean(torch.from_numpy(v), reduce=self.reduce))
+                 for name, v in terms.items()}
+        return torch.from_numpy(values), means
+
     # ----------------------------------------------------------------------------- one step
     def rollout(
         self, prompts: list[str], responses: list[str] | None, rewards: Any, references: list[str] | None
@@ -205,11 +212,8 @@ class RLTrainer:
 
         tick = time.perf_counter()
         if rewards is None:
-            values, terms = self.reward(prompts, batch.responses, references=references,
-                                        batch=self.reward_context(prompts, batch.responses))
-            batch.scores = torch.from_numpy(values)
-            stats.update({term_log_key(name): float(masked_mean(torch.from_numpy(v), reduce=self.reduce))
-                          for name, v in terms.items()})
+            batch.scores, term_stats = self.score(prompts, batch.responses, references)
+            stats.update(term_stats)
         else:
             batch.scores = torch.as_tensor(np.asarray([float(r) for r in rewards], dtype=np.float32))
             if not torch.isfinite(batch.scores).all():
@@ -246,10 +250,10 @@ class RLTrainer:
                                  f"({k}) = {len(prompts) * k}, got {len(given)}")
         if references is not None and len(references) != len(prompts):
             raise DetoxError(f"references must be one per prompt: {len(prompts)}, got {len(references)}")
-        prompts = [x for x in prompts for _ in range(k)]
-        references = None if references is None else [x for x in references for _ in range(k)]
         tick = time.perf_counter()
-        batch, stats = self.rollout(prompts, responses, rewards, references)
+        batch, stats = self.rollout([x for x in prompts for _ in range(k)], responses, rewards,
+                                    None if references is None else [x for x in references for _ in range(k)])
+        self.algorithm.extra_rollout(self, prompts, references, batch)
 
         tick_opt = time.perf_counter()
         kl_coef = self.kl_ctl.value
@@ -304,10 +308,10 @@ class RLTrainer:
             logits = sampling_logits(out.logits, g.temperature, g.min_new_tokens, self.policy.eos_token_ids)
             logprobs = logprobs_from_logits(logits, mb.response_ids)
             values = out.values.float() if out.values is not None else None
-            loss, stats = self.algorithm.loss(
-                logprobs, values, mb, advantages[index, :T],
-                returns[index, :T] if returns is not None else None, divisors, kl_coef,
-            )
+            loss, stats = self.algorithm.loss(LossBatch(
+                logprobs=logprobs, values=values, rollout=mb, advantages=advantages[index, :T],
+                returns=returns[index, :T] if returns is not None else None, divisors=divisors, kl_coef=kl_coef,
+            ))
             self.check_finite(loss, stats)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
