@@ -661,6 +661,17 @@ def test_evaluate_checks_its_dataset_before_loading_models(tmp_path, run_cli, fi
     assert not (tmp_path / "eval").exists()
 
 
+def test_evaluate_refuses_a_bad_dataset_before_the_model_code_is_imported(tmp_path, finished_run):
+    """Bad input costs a couple of seconds (datasets), not the seconds of importing peft and the models' code."""
+    code = ("import sys\nfrom detoxrl.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+            "    print(exc.code, 'peft' in sys.modules or 'detoxrl.policy' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code, "evaluate", str(finished_run), "--dataset",
+                           str(tmp_path / "missing.csv")], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert_one_error(2, done.stderr, f"dataset file not found: {tmp_path / 'missing.csv'}")
+
+
 # ----------------------------------------------------------------------------------------------- faults
 
 
