@@ -38,7 +38,9 @@ def write_merged(run: Run, target: Path) -> None:
     model.generation_config.eos_token_id = policy.eos_token_ids
     model.generation_config.pad_token_id = policy.tokenizer.pad_token_id
     model.save_pretrained(target)
-    policy.tokenizer.padding_side = policy.padding_side  # right for T5 (relative positions), left otherwise
+    # right for T5 (relative positions), left otherwise; saved only as an init argument, which plain
+    # transformers then applies when it loads the export (setting the attribute alone is not saved)
+    policy.tokenizer.padding_side = policy.tokenizer.init_kwargs["padding_side"] = policy.padding_side
     policy.tokenizer.save_pretrained(target)
 
 

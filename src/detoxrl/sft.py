@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import set_seed
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, ProgressCallback, Trainer, TrainingArguments
 
@@ -149,6 +150,7 @@ def _sft(config: Config, out: RunDir, main: bool) -> Path:
     started = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
+    set_seed(config.seed)  # the fresh LoRA's initial weights too, so a run does not depend on what ran before it
     train_rows, test_rows = build_splits(config.data)
     policy = load_policy(config.model, device=config.device)
     column = config.data.reference_column
