@@ -181,7 +181,7 @@ def test_headline_states_toxic_prompts_interval_p_value_and_guards():
         summary = evaluation["evaluators"][name]
         ref, pol = summary["reference"], summary["policy"]
         d = summary["difference"]["toxicity_probability"]
-        p = "<0.001" if d["p_value"] < 0.001 else f"{d['p_value']:.3f}"
+        p = f"{d['p_value']:.1e}" if d["p_value"] < 0.001 else f"{d['p_value']:.3f}"  # exact McNemar: stated exactly
         rows[name] = (f"{ref['toxic_prompts']}/60 → {pol['toxic_prompts']}/60 │ {100 * d['estimate']:+.1f} pp "
                       f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] │ {p} │")
     reward, judge = EVALUATORS

@@ -50,7 +50,7 @@ def test_strong_shift_is_significant():
     assert d["estimate"] == pytest.approx(-0.4)
     assert d["ci_high"] < 0
     # No random relabelling is as extreme; scipy adds one to both counts and doubles the smaller tail.
-    assert d["p_value"] == pytest.approx(2 / 2001)
+    assert d["p_value"] == pytest.approx(2 / 2001) == pytest.approx(d["p_floor"])  # only bounded: reported so
     assert d["test"] == "paired permutation"
     assert s["difference"]["toxic_rate"]["ci_high"] < 0
 

@@ -53,7 +53,11 @@ def test_formats():
     unknown = metric("new_metric")
     assert (unknown.name, unknown.format(1 / 3), unknown.count({"toxic_samples": 1, "samples": 2})) == \
         ("new_metric", "0.3333", (1, 2))
-    assert (format_p(0.0004), format_p(0.01234), format_p(None)) == ("<0.001", "0.012", None)
+    assert [format_p({"p_value": p}) for p in (0.0004, 0.01234, None)] == ["4.0e-04", "0.012", None]
+    # at the resampling floor the p-value is only bounded: no resample was as extreme
+    floor = 2 / 10001
+    assert format_p({"p_value": floor, "p_floor": floor}) == "≤ 2/10001"
+    assert format_p({"p_value": 3 * floor, "p_floor": floor}) == "6.0e-04"
 
 
 def test_reward_terms_are_the_runs_own():

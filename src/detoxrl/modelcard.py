@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import Config, load_run_config
 from .errors import DetoxError
-from .evaluation.metrics import QUALITY, TOXICITY, TRAINED_ON, Metric, is_reward_term, metric, trained_terms
+from .evaluation.metrics import QUALITY, TOXICITY, TRAINED_ON, Metric, format_p, is_reward_term, metric, trained_terms
 from .hub import looks_like_path
 from .policy import PACKAGE_PREFIX, portable_base
 from .rewards.composite import reward_description
@@ -51,8 +50,8 @@ def base_loading_code(config: Config, auto_class: str) -> str:
     return f'base = {auto_class}.from_pretrained("{location}"{extra})'
 
 
-def _p(x: Any) -> str:
-    return format(x, ".3g") if isinstance(x, (int, float)) else "n/a"
+def _p(diff: dict) -> str:
+    return format_p(diff, ".3g") or "n/a"
 
 
 def _count(m: Metric, side: dict) -> str:
@@ -102,7 +101,7 @@ def evaluation_section(metrics: dict | None) -> str:
             diff = diffs[m.key]
             lines.append(f"| {name} ({role}) | {m.name} | {m.format(m.value(ref), 'n/a')} "
                          f"| {m.format(m.value(pol), 'n/a')} | {m.format_interval(diff, 'n/a')} "
-                         f"| {_p(diff.get('p_value'))} | {_count(m, ref)} → {_count(m, pol)} |")
+                         f"| {_p(diff)} | {_count(m, ref)} → {_count(m, pol)} |")
     quality, terms = evaluation.get("quality", {}), trained_terms(evaluation)
     ref, pol = quality.get("reference", {}), quality.get("policy", {})
     guards = [m for m in QUALITY if m.guard and (m.key in ref or m.key in pol)]

@@ -217,7 +217,7 @@ def headline_table(metrics: dict) -> Table:
             style = {"good": "green", "bad": "red"}.get(verdict(m, diff.get("ci_low"), diff.get("ci_high")))
             table.add_row(f"  {escape(name)} ({escape(role)}){mark}",
                           f"{_toxic_prompts(ev.get('reference', {}))} → {_toxic_prompts(ev.get('policy', {}))}",
-                          Text(m.format_interval(diff), style=style or ""), format_p(diff.get("p_value")) or "—")
+                          Text(m.format_interval(diff), style=style or ""), format_p(diff) or "—")
         table.add_section()
     quality, terms = evaluation.get("quality", {}), trained_terms(evaluation)
     guards = [(g, g.value(quality.get("reference", {})), g.value(quality.get("policy", {})))

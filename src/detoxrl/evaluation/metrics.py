@@ -131,11 +131,16 @@ def verdict(m: Metric, low, high) -> Literal["good", "bad", ""]:
     return ""
 
 
-def format_p(p) -> str | None:
-    """A p-value as shown: three decimals, or "<0.001"; None when missing."""
+def format_p(diff: Mapping, spec: str = ".3f") -> str | None:
+    """The p-value of a difference (stats.toxicity_summary) as shown: ``spec``, small ones in scientific
+    notation, and one at its resampling floor (no resample as extreme; ``p_floor``) as that bound, e.g.
+    "≤ 2/10001", since its true value is smaller; None when missing."""
+    p, floor = diff.get("p_value"), diff.get("p_floor")
     if not _finite(p):
         return None
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    if _finite(floor) and p <= floor * (1 + 1e-9):
+        return f"≤ 2/{round(2 / floor)}"
+    return f"{p:.1e}" if p < 0.001 else f"{p:{spec}}"
 
 
 def _finite(x) -> bool:

@@ -108,8 +108,8 @@ def _fmt_num(x, spec: str = ".3f", scale: float = 1.0, suffix: str = "") -> str:
     return f"{x * scale:{spec}}{suffix}" if _ok(x) else "—"
 
 
-def _p(p) -> str:
-    return _e(format_p(p) or "—")
+def _p(diff: Mapping) -> str:
+    return _e(format_p(diff) or "—")
 
 
 def _verdict(m: Metric, diff: Mapping) -> str:
@@ -289,7 +289,7 @@ def _cards(evaluators: Mapping[str, Mapping]) -> str:
             f'<div class="big">{m.format(m.value(ref))}<span class="arrow">→</span>{m.format(m.value(pol))}</div>'
             f'<div class="sub">{m.label} · toxic {m.level}s {before} → {after} of {total} · '
             f'<span class="{_verdict(m, d)}">'
-            f'{m.format_change(d.get("estimate"))}</span> (p {_p(d.get("p_value"))})</div></div>')
+            f'{m.format_change(d.get("estimate"))}</span> (p {_p(d)})</div></div>')
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -304,7 +304,7 @@ def _test_cell(diff: Mapping) -> str:
     discordant = diff.get("discordant")
     detail = (f'<br><span class="muted">discordant {discordant.get("reference_only")} / {discordant.get("policy_only")}'
               "</span>" if isinstance(discordant, Mapping) else "")
-    return f'<td class="num">{_p(diff.get("p_value"))} <span class="muted">{_e(diff.get("test", ""))}</span>{detail}</td>'
+    return f'<td class="num">{_p(diff)} <span class="muted">{_e(diff.get("test", ""))}</span>{detail}</td>'
 
 
 def _summary_table(evaluators: Mapping[str, Mapping]) -> str:

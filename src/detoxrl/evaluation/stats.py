@@ -204,7 +204,10 @@ def toxicity_summary(before, after, threshold: float = 0.5, n_resamples: int = 1
             difference[metric].update(test="exact McNemar", p_value=test.pop("p_value"), discordant=test)
         else:
             p = paired_permutation_p_value(per_b[metric], per_a[metric], n_resamples, seed + 10 + i)
-            difference[metric].update(test="paired permutation", p_value=None if p is None else _json_float(p))
+            # sampled (not enumerated) swaps: two-sided p is at least 2 / (resamples + 1), its resolution
+            floor = None if 2 ** len(per_b[metric]) <= n_resamples else 2 / (n_resamples + 1)
+            difference[metric].update(test="paired permutation", p_value=None if p is None else _json_float(p),
+                                      p_floor=floor)
     return {"reference": reference, "policy": policy, "difference": difference,
             "relative_change": relative_change(reference, policy)}
 
