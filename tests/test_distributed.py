@@ -183,3 +183,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_t5):
 if __name__ == "__main__":
     torch.set_num_threads(1)  # two processes on the test machine's cores
     record_updates(Path(sys.argv[1]), Path(sys.argv[2]), accumulation=2)
+    # both ranks leave together and close the process group, as `detoxrl train` does (accelerator.end_training):
+    # a rank that exits while the other still writes can abort in the collective library's teardown
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
