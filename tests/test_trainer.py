@@ -244,7 +244,7 @@ def test_bad_algorithm_settings_are_one_line_errors(settings, message, tiny_t5, 
 def test_two_process_rloo_matches_one_process_and_its_schedule(tiny_t5, tmp_path):
     """k responses of a prompt stay on one process; the learning rate follows the same schedule on 2 processes."""
     settings = tiny_run_settings(
-        tiny_t5, tmp_path / "unused", **{"threads": None, "generation.max_new_tokens": 5, "data.max_prompt_tokens": 32,
+        tiny_t5, tmp_path / "unused", **{"threads": 1, "generation.max_new_tokens": 5, "data.max_prompt_tokens": 32,
                                          "rl": {"algorithm": "rloo", "samples_per_prompt": 2, "steps": 3,
                                                 "batch_size": 8, "mini_batch_size": 8, "learning_rate": 0.01,
                                                 "lr_scheduler": "linear"},
