@@ -34,7 +34,8 @@ from typing import Any
 
 from .errors import DetoxError
 
-# The file that marks a checkpoint complete (detoxrl.rl.checkpoint writes it last).
+# checkpoints/step-NNNNNNN/ (detoxrl.rl.checkpoint writes them); the marker file is written last.
+CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_MARKER = "state.json"
 
 
@@ -115,7 +116,6 @@ def apply_umask(path: str | Path) -> None:
     for item in paths:
         if not item.is_symlink():
             item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
-
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -274,10 +274,17 @@ def run_lifecycle(config, resume: bool = False, resume_with_changes: bool = Fals
             config.save(out.config)
         yield out
     except BaseException:
-        worth_keeping = any(out.checkpoints.glob(f"*/{CHECKPOINT_MARKER}")) or out.adapter.is_dir()
+        worth_keeping = list_checkpoints(out.checkpoints) or out.adapter.is_dir()
         if main and (created or was_empty) and not worth_keeping:
             remove_partial_run(out.path, keep_directory=not created)
         raise
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ones never carry the final name)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / CHECKPOINT_MARKER).is_file())
 
 
 def finish(out: RunDir, metrics: Mapping[str, Any]) -> Path:

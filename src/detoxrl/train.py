@@ -5,7 +5,6 @@ The output directory's layout is described in :mod:`detoxrl.rundir`.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from .rl import checkpoint
 from .rl.trainer import RLTrainer, build_accelerator
 from .rewards import build_reward
 from .rewards.composite import Reward
-from .rundir import RunDir, atomic_write_dir, finish, read_history, run_lifecycle, write_history
+from .rundir import RunDir, atomic_write_dir, finish, flat_settings, read_history, run_lifecycle, write_history
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +32,9 @@ MAX_NEW_TOKENS_WITHOUT_POSITION_LIMIT = 65536
 
 
 def flat_hparams(config: Config) -> dict[str, float | str | bool]:
-    """TensorBoard takes only scalars and strings."""
-    flat = {}
-    for section, values in config.to_dict().items():
-        items = values.items() if isinstance(values, dict) else [("", values)]
-        for key, value in items:
-            name = f"{section}.{key}" if key else section
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+    """The settings by dotted name; TensorBoard takes only scalars and strings."""
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for name, value in flat_settings(config.to_dict()).items()}
 
 
 def train(config: Config, resume: bool = False, resume_with_changes: bool = False, reward: Reward | None = None) -> Path:
@@ -131,8 +125,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Rewar
             "steps": trainer.step_count,
             "train_seconds": round(train_seconds, 1),
             "num_processes": accelerator.num_processes,
-            "resumed_with_changes": [json.loads(line)["changed"] for line in run.resumes.read_text().splitlines()]
-            if run.resumes.is_file() else [],
+            "resumed_with_changes": [row["changed"] for row in read_history(run.resumes)],
             "rank_param_max_diff": trainer.rank_divergence(),
         },
         "train": trainer.history[-1] if trainer.history else {},

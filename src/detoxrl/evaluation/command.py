@@ -48,10 +48,6 @@ def evaluate_run(
         raise DetoxError(f"evaluate changes only eval.* and generation.* settings, not {', '.join(outside)}")
     config = load_run_config(run.config, settings)
     config.output_dir = str(run.path.resolve())  # where the run is now, also after a move
-    if config.eval.samples_per_prompt < 1:
-        raise DetoxError(f"samples_per_prompt must be at least 1, got {config.eval.samples_per_prompt}")
-    if config.eval.max_prompts is not None and config.eval.max_prompts < 1:
-        raise DetoxError(f"max_prompts must be at least 1, got {config.eval.max_prompts}")
     config.validate()
     out = RunDir(output_dir) if output_dir else RunDir(run.eval)
     if out.metrics.is_file() and not overwrite:

@@ -181,7 +181,7 @@ def calibration(sources: list[str], references: list[str] | None, sentence: str)
 def guard_differences(flags: dict[str, dict[str, np.ndarray]], k: int, seed: int) -> dict:
     """Policy - reference of the per-response guards, with 95% paired-bootstrap CIs over prompts."""
     out = {}
-    for name in ("specificity", "near_duplicate_rate"):
+    for name in flags["reference"]:
         reference, policy = (per_prompt(flags[side][name], k) for side in ("reference", "policy"))
         low, high = paired_bootstrap_ci(reference, policy, seed=seed)
         out[name] = {"estimate": float(policy.mean() - reference.mean()), "ci_low": low, "ci_high": high}
@@ -189,17 +189,16 @@ def guard_differences(flags: dict[str, dict[str, np.ndarray]], k: int, seed: int
 
 
 def trained_reward(reward: Reward, config: Config, prompts: list[str], responses: list[str],
-                   references: list[str] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The reward training optimised, for evaluated responses (one per item of ``prompts``, a prompt's in a
+                   references: list[str] | None, k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The reward training optimised, for evaluated responses (one per item of ``prompts``, k per prompt in a
     row): its value and each term's. The terms see groups of as many prompts as a training batch holds, the
     scale novelty was trained on. Data without references (``evaluate --dataset``) leaves fidelity out."""
     if references is None and "fidelity" in reward.weights():
         reward = Reward(reward.scorer, [t for t in reward.terms if t.name != "fidelity"])
-    per_group = max(1, config.rl.batch_size // config.rl.samples_per_prompt)
-    starts = [i for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1]]
-    bounds = [*starts[::per_group], len(prompts)]
-    parts = [reward.term_values(prompts[a:b], responses[a:b], references=references and references[a:b])
-             for a, b in zip(bounds, bounds[1:])]
+    group = max(1, config.rl.batch_size // config.rl.samples_per_prompt) * k
+    parts = [reward.term_values(prompts[a : a + group], responses[a : a + group],
+                                references=references and references[a : a + group])
+             for a in range(0, len(prompts), group)]
     terms = {name: np.concatenate([part[name] for part in parts]) for name in reward.weights()}
     return reward.combine(terms), terms
 
@@ -344,7 +343,7 @@ def evaluate_policy(
         raw[scorer.name] = {"reference": [float(x) for x in tox_before], "policy": [float(x) for x in tox_after]}
 
     refs = [r for r in references for _ in range(k)] if references else None
-    trained = {side: trained_reward(reward, config, expanded, texts, refs) for side, texts in sides.items()}
+    trained = {side: trained_reward(reward, config, expanded, texts, refs, k) for side, texts in sides.items()}
     (reward_before, terms_before), (reward_after, terms_after) = trained["reference"], trained["policy"]
     quality = {side: quality_metrics(texts, refs, k) for side, texts in sides.items()}
     flags = {side: guard_flags(texts, sources, k) for side, texts in sides.items()}

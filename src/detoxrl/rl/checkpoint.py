@@ -23,10 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import DetoxError
-from ..rundir import CHECKPOINT_MARKER
-
-PREFIX = "step-"
-COMPLETE = CHECKPOINT_MARKER  # written last: a directory without it is no checkpoint
+from ..rundir import CHECKPOINT_MARKER, CHECKPOINT_PREFIX, list_checkpoints
 
 
 def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -92,8 +89,8 @@ def save(
 
     ``state`` is the trainer's JSON-serialisable state and must hold ``step``.
     """
-    target = root / f"{PREFIX}{state['step']:07d}"
-    staging = root / f".tmp-{PREFIX}{state['step']:07d}"
+    target = root / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
+    staging = root / f".tmp-{CHECKPOINT_PREFIX}{state['step']:07d}"
     try:
         return _save(root, keep, target, staging, accelerator, module, optimizer, scheduler, state)
     except OSError as exc:  # e.g. disk full: drop the partial copy, keep the earlier checkpoints
@@ -122,8 +119,8 @@ def _save(root, keep, target, staging, acc, module, optimizer, scheduler, state)
         save_file(opt_tensors, staging / "optimizer.safetensors")
         (staging / "optimizer.json").write_text(json.dumps(opt_meta))
         state = {**state, "scheduler": scheduler.state_dict(), "num_processes": acc.num_processes}
-        (staging / COMPLETE).write_text(json.dumps(state))
-        for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", COMPLETE):
+        (staging / CHECKPOINT_MARKER).write_text(json.dumps(state))
+        for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", CHECKPOINT_MARKER):
             fsync(staging / name)
         fsync(staging)
         shutil.rmtree(target, ignore_errors=True)
@@ -138,14 +135,7 @@ def _save(root, keep, target, staging, acc, module, optimizer, scheduler, state)
 def unmarked(root: Path) -> list[Path]:
     """Checkpoint directories without their marker: what a deletion cut short by a kill leaves (a checkpoint
     gets its final name only once complete), never a checkpoint to resume from."""
-    return [p for p in root.iterdir() if p.name.startswith(PREFIX) and not (p / COMPLETE).is_file()]
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (half-written ones never carry the final name)."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / COMPLETE).is_file())
+    return [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and not (p / CHECKPOINT_MARKER).is_file()]
 
 
 def latest(root: Path) -> Path | None:
@@ -156,7 +146,7 @@ def latest(root: Path) -> Path | None:
 def load(directory: Path, acc: Accelerator, module: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
     """Restore weights, optimiser, scheduler and this rank's RNG; return the trainer's saved state."""
     try:
-        state = json.loads((directory / COMPLETE).read_text())
+        state = json.loads((directory / CHECKPOINT_MARKER).read_text())
         if state.get("num_processes", 1) != acc.num_processes:
             raise DetoxError(
                 f"checkpoint {directory} was written by {state['num_processes']} process(es); "
