@@ -45,3 +45,16 @@ def test_reference_summaries_are_clean_for_the_training_scorer():
 
     scores = ProfanityScorer().toxicity([row["summary"] for row in ROWS])
     assert scores.max() < 0.5
+
+
+def test_the_fresh_test_split_passes_its_recipes_checks_against_both_files():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fresh = sample_dataset_path("heated_dialogsum_fresh")
+    done = subprocess.run([sys.executable, str(root / "scripts" / "check_dialogues.py"), str(fresh),
+                           "--against", str(sample_dataset_path())], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "184 of 184 rows pass"

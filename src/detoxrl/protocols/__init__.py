@@ -1,0 +1,1 @@
+"""Frozen evaluation protocols shipped with detoxrl (detoxrl.evaluation.protocol)."""
