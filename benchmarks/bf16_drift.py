@@ -31,7 +31,7 @@ def main() -> None:
     import torch
     from detoxrl.config import build_config
     from detoxrl.policy import forward_response, load_policy
-    from detoxrl.rl.core import logprobs_from_logits, sampling_logits
+    from detoxrl.rl.logprobs import score_tokens
     from detoxrl.rl.rollout import generate, sample_seeds
 
     prompts = common.prompt_texts(s, 0)
@@ -52,10 +52,9 @@ def main() -> None:
                          sample_seeds(0, 0, count=len(prompts)))
         with torch.no_grad():
             for name, rollout in (("own", batch), ("shared", tokens)):
-                logits = forward_response(policy.model, rollout.query_ids, rollout.query_mask,
-                                          rollout.response_ids).logits
-                logits = sampling_logits(logits, 1.0, s.response_tokens, policy.eos_token_ids)
-                forced[dtype, name] = logprobs_from_logits(logits, rollout.response_ids) * rollout.mask
+                out = forward_response(policy.model, rollout.query_ids, rollout.query_mask, rollout.response_ids)
+                forced[dtype, name] = score_tokens(out.hidden, out.head, rollout.response_ids, rollout.mask, 1.0,
+                                                   s.response_tokens, policy.eos_token_ids).logprobs
         diff = (batch.logprobs - forced[dtype, "own"]).abs()[batch.mask.bool()]
         result[f"{dtype}_generation_vs_forced_max"] = float(diff.max())
         result[f"{dtype}_generation_vs_forced_mean"] = float(diff.mean())

@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 from detoxrl.config import build_config
 from detoxrl.data import build_splits
 from detoxrl.sampling import EVAL_STREAM, keyed_seeds
+from detoxrl.evaluation.guards import guard_flags, guard_metrics
 from detoxrl.evaluation.stats import mcnemar_exact, per_prompt_statistics, quality_metrics, side_summary
 from detoxrl.policy import load_policy
 from detoxrl.rewards import HateSonarScorer, ProfanityScorer, build_reward
@@ -65,6 +66,7 @@ def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scor
     tox = hatesonar.toxicity(texts).reshape(len(rows), k)
     prof = profanity.toxicity(texts).reshape(len(rows), k)
     quality = quality_metrics(texts, samples_per_prompt=k)
+    guards = guard_metrics(texts, guard_flags(texts, [r["dialogue"] for r in rows], k))
     side = side_summary(tox)
     return {
         "judge_toxicity_probability": side["toxicity_probability"],
@@ -75,6 +77,8 @@ def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scor
         "rougeL": float(rouge_l(texts, references).mean()),
         "length_words": quality["length_mean"], "distinct_2": quality["distinct_2"],
         "empty": quality["empty_responses"], "repeated_token": quality["repeated_token_responses"],
+        **{name: guards[name] for name in ("specificity", "opening_share", "most_common_opening",
+                                           "near_duplicate_rate")},
         # per prompt, for a paired test between runs judged on the same prompts and sampling seeds (`paired`)
         "prompt_max_toxicity": [round(float(x), 4) for x in per_prompt_statistics(tox)["expected_max_toxicity"]],
     }, texts
@@ -84,8 +88,12 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     config = build_config("smollm2-offline", overrides={"report_to": [], "eval.enabled": False, **json.loads(args.set)})
     set_seed(config.seed)
-    train_rows, _ = build_splits(config.data)  # the test split is never used here
-    train_rows, heated, neutral = validation_split(train_rows, args.n_validation)
+    train_rows, held_out = build_splits(config.data)
+    if args.held_out:  # the held-out split is validation when the preset's test split is a protocol's own data
+        heated = [r for r in held_out if r["heated"]][: args.n_validation]
+        neutral = [r for r in held_out if not r["heated"]][:8]
+    else:  # the held-out split is the test split, never used here
+        train_rows, heated, neutral = validation_split(train_rows, args.n_validation)
     if args.heated_only:
         train_rows = train_rows.filter(lambda row: row["heated"])
     scorers = (HateSonarScorer(), ProfanityScorer())
@@ -172,13 +180,14 @@ def table(args) -> None:
         if "heated" in row and row["step"] >= last.get(row["name"], {}).get("step", -1):
             last[row["name"]] = row
     print("| run | steps | train min | tox. prob. (prompts) | exp. max | toxic rate | ROUGE-L heated / calm "
-          "| distinct-2 | words |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| distinct-2 | words | specificity | opening share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in sorted(last.items(), key=lambda item: item[1]["step"]):
         h, n = r["heated"], r["neutral"]
+        guards = (f"{h['specificity']:.3f} | {h['opening_share']:.3f}" if "specificity" in h else "— | —")
         print(f"| {name} | {r['step']} | {r['train_seconds'] / 60:.1f} | {h['judge_toxicity_probability']:.3f} "
               f"({h['judge_toxic_prompts']}/{h['prompts']}) | {h['judge_expected_max']:.3f} | {h['judge_toxic_rate']:.3f} "
-              f"| {h['rougeL']:.3f} / {n['rougeL']:.3f} | {h['distinct_2']:.3f} | {h['length_words']:.1f} |")
+              f"| {h['rougeL']:.3f} / {n['rougeL']:.3f} | {h['distinct_2']:.3f} | {h['length_words']:.1f} | {guards} |")
 
 
 def paired(args) -> None:
@@ -202,6 +211,8 @@ def main() -> None:
     r.add_argument("--set", default="{}", help="JSON object of dotted settings over the smollm2-offline preset")
     r.add_argument("--every", type=int, default=6, help="judge every this many steps")
     r.add_argument("--n_validation", type=int, default=24, help="heated validation dialogues")
+    r.add_argument("--held_out", action="store_true",
+                   help="validate on data.dataset's held-out split (when eval.protocol holds the test prompts)")
     r.add_argument("--heated_only", action="store_true", help="train on the heated dialogues only")
     r.add_argument("--k", type=int, default=4, help="responses per validation prompt")
     r.add_argument("--batch_size", type=int, default=48)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny import ThanksShare, subprocess_env, tiny_run_config, tiny_run_settings, write_yaml
+from tiny import ThanksShare, run_child, subprocess_env, tiny_run_config, tiny_run_settings, write_yaml
 
 from detoxrl.policy import load_policy
 from detoxrl.rl.trainer import RLTrainer
@@ -56,8 +56,7 @@ def max_difference(a: dict, b: dict) -> float:
 def test_two_processes_match_one(tmp_path, tiny_t5):
     config = setup_run(tmp_path, tiny_t5)
     for name, processes in (("one", 1), ("two", 2)):
-        done = subprocess.run(train_cmd(config, tmp_path / name, processes=processes), cwd=tmp_path,
-                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        done = run_child(train_cmd(config, tmp_path / name, processes=processes), cwd=tmp_path, env=subprocess_env())
         assert done.returncode == 0, done.stderr[-2000:]
     run = json.loads((tmp_path / "two" / "metrics.json").read_text())["run"]
     assert run["num_processes"] == 2
@@ -112,9 +111,8 @@ def record_updates(model: Path, out: Path, accumulation: int) -> None:
 def test_every_algorithm_and_normalisation_updates_on_two_processes_as_on_one(tmp_path, tiny_t5):
     """One mini-batch split over 2 processes x 2 accumulated micro-batches gives the gradient and the weights of one
     process holding it whole, for ppo, rloo and grpo under token and sequence normalisation (one launch for all)."""
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           __file__, str(tiny_t5), str(tmp_path / "two")],
-                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    done = run_child([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                      __file__, str(tiny_t5), str(tmp_path / "two")], cwd=tmp_path, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-2000:]
     record_updates(tiny_t5, tmp_path / "one", accumulation=1)
     for algorithm, normalization in SETTINGS:
@@ -131,8 +129,7 @@ def test_every_algorithm_and_normalisation_updates_on_two_processes_as_on_one(tm
 def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_t5):
     config = setup_run(tmp_path, tiny_t5, steps=10, mini_batch_size=4)
     extra = ["--save_steps", "1", "--save_total_limit", "2"]
-    full = subprocess.run(train_cmd(config, tmp_path / "full", *extra), cwd=tmp_path, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    full = run_child(train_cmd(config, tmp_path / "full", *extra), cwd=tmp_path, env=subprocess_env())
     assert full.returncode == 0, full.stderr[-2000:]
 
     run = tmp_path / "killed"
@@ -151,10 +148,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_t5):
     # the rotation (older ones are deleted only once the new one is on disk); the next save rotates it away.
     assert len(kept) <= 3
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "detoxrl.cli", "train", "--output_dir", str(run), "--resume"],
-        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )
+    resumed = run_child([sys.executable, "-m", "detoxrl.cli", "train", "--output_dir", str(run), "--resume"],
+                        cwd=tmp_path, env=subprocess_env())
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert max_difference(adapter(tmp_path / "full"), adapter(run)) == 0.0
     steps = [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()]
@@ -165,16 +160,15 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_t5):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_t5):
     config = setup_run(tmp_path, tiny_t5, steps=2)
     run = tmp_path / "run"
-    done = subprocess.run(train_cmd(config, run, "--save_steps", "1"), cwd=tmp_path, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    done = run_child(train_cmd(config, run, "--save_steps", "1"), cwd=tmp_path, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-2000:]
     # pretend the run died after its step-1 checkpoint: no metrics, no adapter (saved only after the last step)
     (run / "metrics.json").unlink()
     shutil.rmtree(run / "adapter")
     (run / "history.jsonl").write_text((run / "history.jsonl").read_text().splitlines(keepends=True)[0])
     (run / "checkpoints" / "step-0000001" / "optimizer.safetensors").write_bytes(b"not a tensor file")
-    again = subprocess.run([sys.executable, "-m", "detoxrl.cli", "train", "--output_dir", str(run), "--resume"],
-                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    again = run_child([sys.executable, "-m", "detoxrl.cli", "train", "--output_dir", str(run), "--resume"],
+                      cwd=tmp_path, env=subprocess_env())
     assert again.returncode == 2
     assert "checkpoint" in again.stderr and "is corrupt or incomplete" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1

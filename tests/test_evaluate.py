@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detoxrl.config import ModelConfig, build_config
-from detoxrl.data import build_splits
+from detoxrl.data import build_splits, run_splits
 from detoxrl.errors import DetoxError
 from detoxrl.evaluation import command, evaluate
 from detoxrl.evaluation.evaluate import (
@@ -180,7 +180,8 @@ def test_evaluate_run_puts_every_model_on_the_accelerators_device(tiny_t5, tiny_
 
     seen = {}
 
-    def record(config, policy, prompts, references, reward, out_dir, history, evaluators, groups, dataset, sources):
+    def record(config, policy, prompts, references, reward, out_dir, history, evaluators, groups, dataset, sources,
+               **options):
         seen.update(policy=policy, reward=reward, evaluators=evaluators, out_dir=out_dir)
         seen["evaluation"] = {"num_prompts": len(prompts)}
         return seen["evaluation"]
@@ -296,13 +297,17 @@ def test_evaluation_reports_the_composite_reward_that_was_trained(tiny_t5, tiny_
     assert "Guards the reward cannot buy" in report and "Calibration: texts of known quality" in report
 
 
-def test_learning_curve_judges_toxicity_group_prompts(monkeypatch):
+def test_learning_curves_read_validation_prompts_never_the_test_split(monkeypatch):
     from detoxrl.train import curve_judge
 
-    config = build_config(overrides={"eval.curve_steps": 1, "eval.curve_prompts": 2, "eval.group_column": "heated"})
+    config = build_config(overrides={"data.dataset": "detoxrl:heated_dialogsum", "eval.curve_steps": 1,
+                                     "eval.curve_prompts": 3, "eval.group_column": "heated", "eval.toxicity_group": "True"})
+    train, validation, test = run_splits(config)
+    assert len(validation) == 3 and all(validation["heated"])
+    assert not set(validation["id"]) & (set(train["id"]) | set(test["id"]))
+    assert len(train) + len(validation) == len(build_splits(config.data)[0])
     monkeypatch.setattr(evaluate, "held_out_evaluator", lambda spec, label: spec)
     monkeypatch.setattr(evaluate, "judge_subset", lambda policy, prompts, config, judge, samples: prompts)
-    prompts, groups = ["a", "b", "c", "d", "e"], [False, True, False, True, True]
-    assert curve_judge(config, None, prompts, groups)() == ["a", "b"]
-    config.eval.toxicity_group = "True"
-    assert curve_judge(config, None, prompts, groups)() == ["b", "d"]
+    assert curve_judge(config, None, validation)() == list(validation["prompt"])
+    config.eval.curve_steps = 0
+    assert len(run_splits(config)[1]) == 0 and curve_judge(config, None, validation) is None

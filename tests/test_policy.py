@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from plain import plain_logits, plain_scores
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from detoxrl.config import GenerationConfig, ModelConfig
 from detoxrl.errors import DetoxError
 from detoxrl.policy import distinct_rows, forward_response, load_policy
-from detoxrl.rl.core import logprobs_from_logits, sampling_logits
 from detoxrl.rl.rollout import generate, reference_logprobs
 
 PROMPTS = ["the person1 said thanks about work and the meeting", "school talk"]
@@ -21,6 +21,11 @@ def perturb_adapter(policy):
             torch.nn.init.normal_(param, std=0.5)
 
 
+def head_logits(model, query, response):
+    out = forward_response(model, query["input_ids"], query["attention_mask"], response)
+    return plain_logits(out.hidden, out.head)
+
+
 @pytest.mark.parametrize("model, auto", [("tiny_t5", AutoModelForSeq2SeqLM), ("tiny_llama", AutoModelForCausalLM)])
 def test_reference_is_base_model_with_adapter_disabled(model, auto, request):
     path = request.getfixturevalue(model)
@@ -30,10 +35,10 @@ def test_reference_is_base_model_with_adapter_disabled(model, auto, request):
     query = policy.tokenize_prompts(PROMPTS, 64, "cpu")
     response = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
     with torch.no_grad():
-        expected = forward_response(base, query["input_ids"], query["attention_mask"], response).logits
+        expected = head_logits(base.requires_grad_(False), query, response)
         with policy.reference_model() as reference:
-            got = forward_response(reference, query["input_ids"], query["attention_mask"], response).logits
-        adapted = forward_response(policy.model, query["input_ids"], query["attention_mask"], response).logits
+            got = head_logits(reference, query, response)
+        adapted = head_logits(policy.model, query, response)
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(adapted, expected)  # the adapter is really on outside the context
     # No second copy of the weights: the reference shares the policy's base parameters.
@@ -60,8 +65,8 @@ def test_generation_logprobs_match_the_sampling_distribution(model, request):
     rollout = generate(policy, policy.model, PROMPTS, settings, 64, [11, 12], policy.module.value_head)
     with torch.no_grad():
         out = policy.module(rollout.query_ids, rollout.query_mask, rollout.response_ids)
-    logits = sampling_logits(out.logits, 0.7, 4, policy.eos_token_ids)
-    expected = logprobs_from_logits(logits, rollout.response_ids) * rollout.mask
+    expected = plain_scores(plain_logits(out.hidden, out.head), rollout.response_ids, rollout.mask, 0.7, 4,
+                            policy.eos_token_ids)[0]
     torch.testing.assert_close(rollout.logprobs, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rollout.values, out.values * rollout.mask, atol=1e-4, rtol=1e-4)
     assert (rollout.mask.sum(dim=1) >= 4).all()  # EOS really was banned before min_new_tokens
@@ -87,8 +92,8 @@ def test_model_generation_config_does_not_leak_into_sampling(tiny_llama, tmp_pat
     rollout = generate(policy, policy.model, PROMPTS * 4, settings, 64, list(range(8)))
     with torch.no_grad():
         out = policy.module(rollout.query_ids, rollout.query_mask, rollout.response_ids)
-    expected = logprobs_from_logits(sampling_logits(out.logits, 1.0, 0, policy.eos_token_ids), rollout.response_ids)
-    torch.testing.assert_close(rollout.logprobs, expected * rollout.mask, atol=1e-4, rtol=1e-4)
+    expected = plain_scores(plain_logits(out.hidden, out.head), rollout.response_ids, rollout.mask)[0]
+    torch.testing.assert_close(rollout.logprobs, expected, atol=1e-4, rtol=1e-4)
     assert policy.model.generation_config.repetition_penalty == 1.5  # the model's own config is restored
 
 
@@ -149,9 +154,10 @@ def test_shared_prompts_give_the_same_pass_and_gradients(model, request):
         policy.model.zero_grad()
         out = forward_response(policy.model, query["input_ids"], query["attention_mask"], response, value_head,
                                share_prompts=share)
-        (out.logits.logsumexp(-1).sum() + out.values.sum()).backward()
+        logits = plain_logits(out.hidden, out.head)
+        (logits.logsumexp(-1).sum() + out.values.sum()).backward()
         grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad}
-        results.append((out.logits.detach(), out.values.detach(), grads))
+        results.append((logits.detach(), out.values.detach(), grads))
     (logits, values, grads), (shared_logits, shared_values, shared_grads) = results
     torch.testing.assert_close(shared_logits, logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(shared_values, values, rtol=1e-4, atol=1e-5)

@@ -136,3 +136,43 @@ def test_report_marks_reward_terms_and_counts_every_toxicity_metric(tmp_path):
     # expected max toxicity counts toxic prompts, mean toxicity toxic samples, as the card and compare do
     assert doc.count(f"({ref['toxic_prompts']}/60 prompts)") == 2
     assert doc.count(f"({ref['toxic_samples']}/240 samples)") == 2
+
+
+def _judged_alone():
+    """A model judged alone (``detoxrl evaluate --model`` without ``--adapter``): reference sides only."""
+    side = {"toxicity_probability": 0.25, "toxic_prompts": 2, "prompts": 8, "expected_max_toxicity": 0.312,
+            "expected_max_toxicity_std": 0.2, "toxic_rate": 0.125, "toxic_samples": 3, "samples": 24, "mean": 0.2,
+            "std": 0.1}
+    quality = {"reference": {"length_mean": 12.0, "rougeL": 0.3, "distinct_2": 0.6, "specificity": 0.75}}
+    evaluation = {
+        "num_prompts": 8, "samples_per_prompt": 3, "threshold": 0.5, "reward_scorer": "scorer",
+        "reward_terms": {"reference": {"scorer": 1.0, "fidelity": 0.3, "novelty": 0.6}},
+        "evaluators": {"scorer": {"role": "reward", "reference": side},
+                       "judge": {"role": "held-out", "reference": side}},
+        "quality": quality,
+        "guards": {"reference": {"specificity": 0.75, "opening_share": 0.5, "near_duplicate_rate": 0.0,
+                                 "most_common_opening": "the text goes on", "opening_responses": 12, "responses": 24}},
+        "calibration": {"constant sentence": {"rougeL": 0.1, "distinct_2": 0.01}},
+        "group_column": "heated", "groups": {"True": {"num_prompts": 8, **quality}}}
+    run = {"model": "tiny-base", "adapter": None, "output_dir": "evals/tiny-base"}
+    raw = {name: {"reference": np.linspace(0, 1, 24).tolist()} for name in ("scorer", "judge")}
+    return {"run": run, "evaluation": evaluation}, raw
+
+
+def test_a_model_judged_alone_gets_a_one_model_report(tmp_path):
+    metrics, raw = _judged_alone()
+    doc = render_report(metrics, [], [], tmp_path / "report.html", raw=raw).read_text(encoding="utf-8")
+    assert "judged alone" in doc and "<code>detoxrl compare evals/tiny-base OTHER_DIR</code>" in doc
+    assert ">Policy<" not in doc and "Difference" not in doc and "Relative change" not in doc
+    assert "Improvement per evaluator" not in doc and len(PNG_SRC.findall(doc)) == 1  # the histogram alone
+    # the one column: toxicity per judge, quality, groups; every toxicity figure with its counts
+    assert doc.count("<th>Metric</th><th class='num'>Model</th></tr>") == 3
+    assert doc.count("toxic prompts 2 of 8</div>") == 2  # the cards
+    assert doc.count("25.0% <span class=\"muted\">(2/8 prompts)</span>") == 2
+    assert doc.count("0.312 <span class=\"muted\">(2/8 prompts)</span>") == 2
+    assert doc.count("12.5% <span class=\"muted\">(3/24 samples)</span>") == 2
+    assert doc.count("0.200 <span class=\"muted\">(3/24 samples)</span> <span class=\"muted\">± 0.100</span>") == 2
+    assert "<td>Specificity (own dialogue retrieved)</td><td class=\"num\">75.0%</td>" in doc
+    assert "<li>model: “the text goes on” (12 of 24)</li>" in doc and "Calibration" in doc
+    # nothing was trained, so neither the reward's scorer nor ROUGE-L or distinct-2 is marked as trained on
+    assert "trained on" not in doc and '<span class="badge reward">reward</span>' in doc

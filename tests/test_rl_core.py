@@ -9,15 +9,12 @@ from detoxrl.rl.core import (
     AdaptiveKLController,
     FixedKLController,
     aggregate_loss,
-    entropy_from_logits,
     k3_kl,
-    logprobs_from_logits,
     loss_divisors,
     masked_mean,
     masked_var,
     masked_whiten,
     response_mask,
-    sampling_logits,
     sequence_kl,
 )
 from detoxrl.rl.grpo import group_normalised_advantages, grpo_losses
@@ -72,41 +69,6 @@ def test_masked_whiten_real_tokens_and_zero_padding():
     assert (out[M == 0] == 0).all()
     close(masked_mean(out, M), 0.0)
     close(masked_var(out, M), 1.0, tol=1e-4)
-
-
-# ---------------------------------------------------------------- log-probs and entropy
-
-
-def test_logprobs_from_logits_by_hand():
-    logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]], [[-1.0, 0.5, 0.0], [2.0, 2.0, 2.0]]])
-    tokens = torch.tensor([[2, 0], [1, 1]])
-    expected = []
-    for b in range(2):
-        row = []
-        for t in range(2):
-            z = logits[b, t].tolist()
-            log_norm = math.log(sum(math.exp(v) for v in z))
-            row.append(z[tokens[b, t]] - log_norm)
-        expected.append(row)
-    out = logprobs_from_logits(logits, tokens)
-    close(out, expected)
-    assert out.dtype == torch.float32
-
-
-def test_logprobs_from_half_precision_logits_are_float32():
-    logits = torch.tensor([[[0.0, math.log(3.0)]]], dtype=torch.bfloat16)
-    out = logprobs_from_logits(logits, torch.tensor([[1]]))
-    assert out.dtype == torch.float32
-    close(out, [[math.log(0.75)]], tol=1e-2)
-
-
-def test_entropy_uniform_is_log_vocab_and_two_class_by_hand():
-    close(entropy_from_logits(torch.full((2, 3, 7), 4.2)), torch.full((2, 3), math.log(7)))
-    # logits (0, log 3) -> p = (1/4, 3/4)
-    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    close(entropy_from_logits(torch.tensor([[0.0, math.log(3.0)]])), [h])
-    # a near-certain distribution has ~0 entropy
-    assert entropy_from_logits(torch.tensor([[0.0, 100.0]])).item() < 1e-6
 
 
 # ---------------------------------------------------------------- response mask
@@ -347,48 +309,7 @@ def test_fixed_kl_controller_never_changes():
         assert ctl.value == 0.3
 
 
-# ---------------------------------------------------------------- sampling logits
-
-
-def test_sampling_logits_temperature_and_min_new_tokens():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 4, 6)
-    before = logits.clone()
-    out = sampling_logits(logits, temperature=0.7, min_new_tokens=2, eos_token_ids=[1, 3])
-    assert torch.equal(logits, before)  # input not modified in place
-    for b in range(2):
-        for t in range(4):
-            for v in range(6):
-                if t < 2 and v in (1, 3):
-                    assert out[b, t, v].item() == float("-inf")
-                else:
-                    assert out[b, t, v].item() == pytest.approx(before[b, t, v].item() / 0.7, rel=1e-6)
-
-
-def test_sampling_logits_without_min_new_tokens_only_divides():
-    logits = torch.tensor([[[1.0, -2.0, 0.5]]])
-    before = logits.clone()
-    out = sampling_logits(logits, temperature=2.0, min_new_tokens=0, eos_token_ids=[0])
-    close(out, [[[0.5, -1.0, 0.25]]])
-    assert torch.equal(logits, before)
-    out = sampling_logits(logits, temperature=1.0, min_new_tokens=0, eos_token_ids=[0])
-    assert torch.equal(out, before)  # pure sampling at T=1: the logits are the distribution
-
-
-def test_sampling_logits_from_bfloat16_are_float32():
-    logits = torch.tensor([[[1.0, 2.0]]], dtype=torch.bfloat16)
-    out = sampling_logits(logits, 0.5, 1, [1])
-    assert out.dtype == torch.float32
-    assert out[0, 0, 0].item() == 2.0 and out[0, 0, 1].item() == float("-inf")
-    assert logits[0, 0, 1].item() == 2.0
-
-
 # ---------------------------------------------------------------- shared pieces of the critic-free losses
-
-
-def test_entropy_is_finite_when_tokens_are_banned_with_minus_infinity():
-    logits = torch.tensor([[[0.0, 0.0, float("-inf")]]])  # EOS banned before min_new_tokens
-    close(entropy_from_logits(logits), [[math.log(2)]])
 
 
 def test_sequence_kl_sums_real_tokens():

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from tiny import ThanksShare, subprocess_env, tiny_run_config, tiny_run_settings, write_yaml
+from tiny import ThanksShare, run_child, subprocess_env, tiny_run_config, tiny_run_settings, write_yaml
 
 from detoxrl.errors import DetoxError
 from detoxrl.policy import load_policy
@@ -254,9 +253,8 @@ def test_two_process_rloo_matches_one_process_and_its_schedule(tiny_t5, tmp_path
     for name, processes in (("one", 1), ("two", 2)):
         launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
                     if processes > 1 else [sys.executable])
-        done = subprocess.run(launcher + ["-m", "detoxrl.cli", "train", "--config", str(config), "--output_dir",
-                                          str(tmp_path / name)],
-                              cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        done = run_child(launcher + ["-m", "detoxrl.cli", "train", "--config", str(config), "--output_dir",
+                                     str(tmp_path / name)], cwd=tmp_path, env=subprocess_env())
         assert done.returncode == 0, done.stderr[-2000:]
         histories[name] = [json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()]
     for one, two in zip(histories["one"], histories["two"]):

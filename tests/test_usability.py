@@ -38,9 +38,10 @@ def test_evaluate_help_shows_types_defaults_and_the_evaluation_settings(run_cli)
     text = " ".join(out.split())
     for flag in ("--eval.control_prompts", "--generation.max_new_tokens", "--dataset FILE", "--overwrite"):
         assert flag in text
-    assert "--samples_per_prompt" in text and "[int; default: the run's]" in text
+    assert "--samples_per_prompt" in text and "[int; default: the run's, with --model the preset's]" in text
     assert "at least this (>=" in text and "above" not in text.split("--eval.threshold")[1].split("--")[0]
-    assert "--rl.steps" not in text and "--model.name_or_path" not in text  # the run's own settings stay
+    assert "--rl.steps" not in text and "--sft." not in text  # training's settings are not evaluation's
+    assert "detoxrl evaluate --model ID_OR_PATH [--adapter PATH] --output_dir DIR" in text  # any model, no run
     code, out, _ = run_cli(["compare", "--help"])
     assert code == 0 and "run A: a detoxrl run directory" in " ".join(out.split())
 

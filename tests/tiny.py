@@ -3,6 +3,7 @@ of a run that takes seconds on them; and a toy reward that a policy can learn in
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -160,4 +161,61 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     import os
 
     path = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, "DETOXRL_TEST_STACKS_AFTER": str(CHILD_STACKS_AFTER),
+            **extra}
+
+
+CHILD_TIMEOUT = 300  # seconds a child process of a test may run
+CHILD_STACKS_AFTER = 240  # its threads' stacks go to its stderr then (tests/sitecustomize.py)
+
+
+def run_child(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with captured text output and a timeout; a child that times out fails the test with
+    the end of its stderr, where its stacks are (tests/sitecustomize.py)."""
+    import pytest
+
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT, **kwargs)
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"{' '.join(map(str, command))} ran past {CHILD_TIMEOUT} s; the end of its stderr:\n{stderr[-8000:]}")
+
+
+def save_tiny_gpt_neo(path: Path, seed: int = 0) -> Path:
+    """GPT-Neo (global and local attention layers, as in EleutherAI/gpt-neo-125M), no chat template."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer(with_bos=True)
+    config = GPTNeoConfig(
+        vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=8, intermediate_size=64, max_position_embeddings=256, bos_token_id=3, eos_token_id=1,
+        pad_token_id=0,
+    )
+    GPTNeoForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# (prompt text, its toxicity or None, challenging): in RealToxicityPrompts' nested schema by write_rtp_jsonl
+RTP_PROMPTS = (
+    ("you stupid idiot and", 0.91, True), ("the damn car and the", 0.64, True), ("person1 said the angry", 0.42, False),
+    ("talk about the stupid price", 0.55, False), ("the idiot at work said", 0.77, True),
+    ("a bad talk about school", 0.35, False), ("the nice home and", 0.05, False), ("please talk about the", None, False),
+    ("happy person2 and the", 0.12, False), ("argue about the damn", 0.48, False), ("the stupid meeting at", 0.61, True),
+    ("angry talks about the car", 0.33, False),
+)
+
+
+def write_rtp_jsonl(path: Path) -> Path:
+    """RTP_PROMPTS as RealToxicityPrompts rows: nested ``prompt`` and ``continuation`` records with Perspective-style
+    scores (a null toxicity included), ``challenging``, ``filename``, ``begin`` and ``end``."""
+    import json
+
+    rows = [{"filename": f"{i:04d}.txt", "begin": 0, "end": len(text), "challenging": challenging,
+             "prompt": {"text": text, "toxicity": toxicity, "profanity": toxicity and toxicity / 2,
+                        "insult": toxicity},
+             "continuation": {"text": " the summary", "toxicity": 0.1, "profanity": 0.05, "insult": 0.1}}
+            for i, (text, toxicity, challenging) in enumerate(RTP_PROMPTS)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -29,6 +29,7 @@ _EXPORTS = {
     "train": ("detoxrl.train", "train"),
     "sft": ("detoxrl.sft", "sft"),
     "evaluate": ("detoxrl.evaluation.command", "evaluate_run"),
+    "evaluate_model": ("detoxrl.evaluation.command", "evaluate_model"),
     "RLTrainer": ("detoxrl.rl.trainer", "RLTrainer"),
     "Scorer": ("detoxrl.rewards", "Scorer"),
     "build_reward": ("detoxrl.rewards", "build_reward"),

@@ -49,10 +49,12 @@ LAYERS = (
     "given), then --config FILE, then flags. Example: --preset smollm2-offline --config small.yaml {example}."
 )
 
-# evaluate takes the evaluation's and the sampling's settings; every other section is the run's own.
-EVALUATE_SKIP = ("model", "reward", "data", "rl", "sft", "run")
+# evaluate RUN takes the evaluation's and the sampling's settings (every other section is the run's own);
+# evaluate --model also the model's, the data's, the reward's, the seed, the device and the threads.
+EVALUATE_SKIP = ("rl", "sft", "output_dir", "report_to", "mixed_precision", "save_steps", "save_total_limit")
 EVALUATE_ALIASES = {"samples_per_prompt": "eval.samples_per_prompt", "evaluators": "eval.evaluators",
-                    "max_prompts": "eval.max_prompts", "threshold": "eval.threshold"}
+                    "max_prompts": "eval.max_prompts", "threshold": "eval.threshold",
+                    "model": "model.name_or_path", "adapter": "model.adapter"}
 
 SETTINGS_USAGE = "detoxrl {command} [--preset NAME] [--config FILE] [--print_config] [--SECTION.SETTING VALUE ...]"
 
@@ -85,7 +87,7 @@ def show(value: typing.Any, limit: int = 60) -> str:
 
 def add_config_flags(parser: argparse.ArgumentParser, aliases: dict[str, str], skip: tuple[str, ...],
                      run_defaults: bool = False) -> None:
-    """One flag per setting, except the ``skip`` sections that the command does not use.
+    """One flag per setting, except the ``skip`` sections and settings that the command does not use.
 
     ``run_defaults``: the command starts from a saved run's settings, so the help says so instead of
     showing the built-in default and the preset's.
@@ -95,7 +97,7 @@ def add_config_flags(parser: argparse.ArgumentParser, aliases: dict[str, str], s
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, annotation, help_text in iter_fields():
         section = name.split(".")[0] if "." in name else "run"
-        if section in skip:
+        if section in skip or name in skip:
             continue
         group = groups.setdefault(section, parser.add_argument_group(f"{section} settings"))
         flags = [f"--{name}"] + [f"--{alias}" for alias, target in aliases.items() if target == name]
@@ -109,7 +111,7 @@ def add_config_flags(parser: argparse.ArgumentParser, aliases: dict[str, str], s
         default, preset = value(defaults, name), value(offline, name)
         details = f"{type_name(annotation)}; default: {show(default)}"
         if run_defaults:
-            details = f"{type_name(annotation)}; default: the run's"
+            details = f"{type_name(annotation)}; default: the run's, with --model the preset's"
         elif preset != default:
             details += f", {DEFAULT_PRESET}: {show(preset)}"
         if name in CHOICES:
@@ -182,17 +184,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_layer_flags(sft, SFT_ALIASES, skip=("rl", "reward"))
 
     evaluate = sub.add_parser(
-        "evaluate", help="compare a trained run with its reference model",
-        usage="detoxrl evaluate RUN_DIR [--dataset FILE] [--output_dir DIR] [--overwrite] [--eval.SETTING VALUE ...]",
+        "evaluate", help="compare a trained run with its reference model, or judge any model",
+        usage="detoxrl evaluate RUN_DIR [--dataset FILE] [--output_dir DIR] [--overwrite] [--eval.SETTING VALUE ...]\n"
+        "       detoxrl evaluate --model ID_OR_PATH [--adapter PATH] --output_dir DIR [--preset NAME] [--config FILE] "
+        "[--dataset FILE] [--SECTION.SETTING VALUE ...]",
         description="Sample the run's policy and its reference model on the run's test split (or --dataset) with the "
         "same seeds, judge both, and write metrics.json, report.html, samples.csv and responses.jsonl to "
-        "RUN_DIR/eval (or --output_dir). Settings default to the run's own; flags change them for this evaluation.",
+        "RUN_DIR/eval (or --output_dir). Settings default to the run's own; flags change them for this evaluation. "
+        "With --model instead of RUN_DIR, judge that model alone (its baseline before training), or with --adapter "
+        "the base against base + adapter, under the preset's settings (--preset, --config and flags, as for train).",
     )
-    evaluate.add_argument("run_dir", help="directory of a detoxrl run (holds config.yaml and adapter/)")
+    evaluate.add_argument("run_dir", nargs="?", default=None,
+                          help="directory of a detoxrl run (holds config.yaml and adapter/); leave out with --model")
+    evaluate.add_argument("--preset", choices=PRESETS, default=None,
+                          help=f"with --model: start from a preset (default: {DEFAULT_PRESET} when no --config is "
+                          "given)")
+    evaluate.add_argument("--config", default=None, metavar="FILE", help=f"with --model: {CONFIG_HELP}")
     evaluate.add_argument("--dataset", default=None, metavar="FILE",
                           help="evaluate on all rows of this file (.csv, .json, .jsonl, .parquet) instead of the run's "
                           "test split [default: the test split]")
-    evaluate.add_argument("--output_dir", default=None, metavar="DIR", help="where to write [default: RUN_DIR/eval]")
+    evaluate.add_argument("--output_dir", default=None, metavar="DIR",
+                          help="where to write [default: RUN_DIR/eval; with --model: required]")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace an evaluation already in the output directory (otherwise it is refused)")
     add_config_flags(evaluate, EVALUATE_ALIASES, skip=EVALUATE_SKIP, run_defaults=True)
@@ -308,10 +320,24 @@ def run(argv: list[str] | None = None) -> int:
         out = sft(layered_config(args))
         print(f"done: adapter and metrics are in {out}; continue with: detoxrl train --model.adapter {out / 'adapter'}")
     elif args.command == "evaluate":
-        from .evaluation.command import evaluate_run
+        from .evaluation.command import evaluate_model, evaluate_run
 
-        out = evaluate_run(args.run_dir, dataset=args.dataset, output_dir=args.output_dir, overwrite=args.overwrite,
-                           overrides=collect_overrides(args))
+        overrides = collect_overrides(args)
+        if args.run_dir is None:
+            if "model.name_or_path" not in overrides:
+                raise DetoxError("evaluate needs a run directory, or --model ID_OR_PATH to judge a model without a run")
+            if not args.output_dir:
+                raise DetoxError("evaluate --model needs --output_dir DIR: there is no run directory to write into")
+            out = evaluate_model(layered_config(args), args.output_dir, dataset=args.dataset, overwrite=args.overwrite)
+        else:
+            if "model.name_or_path" in overrides:
+                raise DetoxError(f"--model judges a model without a run, so it cannot go with the run directory "
+                                 f"{args.run_dir}; give one of them")
+            if args.preset or args.config:
+                raise DetoxError("a run is evaluated with its own settings (RUN_DIR/config.yaml); --preset and "
+                                 "--config go with --model")
+            out = evaluate_run(args.run_dir, dataset=args.dataset, output_dir=args.output_dir,
+                               overwrite=args.overwrite, overrides=overrides)
         print_headline(RunDir(out).metrics)
         print(f"report: {RunDir(out).report}")
     elif args.command == "compare":

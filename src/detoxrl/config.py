@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +58,16 @@ class ModelConfig:
 
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Other names of the same dtypes, for the error that names the setting to use instead.
+DTYPE_NAMES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def check_model_dtype(value: str) -> None:
+    """Refuse a ``model.dtype`` that names no dtype detoxrl loads, naming the one meant where it can tell."""
+    if value not in MODEL_DTYPES:
+        meant = DTYPE_NAMES.get(str(value).lower().removeprefix("torch."), "")
+        raise DetoxError(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {value!r}"
+                         + (f"; use {meant}" if meant else ""))
 
 
 @dataclass
@@ -89,13 +101,36 @@ def parse_reward_term(spec: str) -> tuple[str, float]:
     return function.strip(), value
 
 
+ROW_FILTER = re.compile(r"\s*(?P<column>[\w.-]+)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>\S+)\s*")
+COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq,
+               "!=": operator.ne}
+
+
+def parse_row_filter(spec: str) -> tuple[str, str, float]:
+    """``"prompt.toxicity > 0.3"`` -> ``("prompt.toxicity", ">", 0.3)``: one comparison of a column (letters,
+    digits, ``_``, ``.``, ``-``) with a finite number, read by a pattern (never evaluated as code)."""
+    match = ROW_FILTER.fullmatch(spec)
+    try:
+        value = float(match["value"]) if match else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise DetoxError(f"data.filter must look like COLUMN OP NUMBER with OP one of {' '.join(COMPARISONS)} "
+                         f"(e.g. 'prompt.toxicity > 0.3'), got {spec!r}")
+    return match["column"], match["op"], value
+
+
 @dataclass
 class DataConfig:
     dataset: str = _f("knkarthick/dialogsum", "Hub dataset id or local .jsonl/.csv/.parquet file.")
     split: str = _f("train", "Split to load from a hub dataset.")
-    text_column: str = _f("dialogue", "Column holding the text to put in the prompt.")
+    text_column: str = _f("dialogue", "Column holding the text to put in the prompt; a nested field is named with "
+                                      "dots (prompt.text in RealToxicityPrompts).")
     reference_column: str | None = _f("summary", "Column of reference responses (for ROUGE), if any.")
-    prompt_template: str = _f(RECIPE_PROMPT, "Prompt template; {text} is replaced by the text column.")
+    filter: str | None = _f(None, "Keep only the rows where COLUMN OP NUMBER holds, OP one of >= > <= < == !=, e.g. "
+                                  "'prompt.toxicity > 0.3'; rows with no value there are dropped.")
+    prompt_template: str = _f(RECIPE_PROMPT, "Prompt template; {text} is replaced by the text column ('{text}' alone: "
+                                             "the text as it is, e.g. for continuation).")
     min_chars: int = _f(200, "Keep texts longer than this many characters.")
     max_chars: int = _f(1000, "Keep texts of at most this many characters.")
     test_size: float = _f(0.2, "Held-out fraction for the before/after comparison.")
@@ -157,6 +192,10 @@ class EvalConfig:
     )
     nontoxic_label: str = _f(NONTOXIC_LABEL, "Non-toxic label of classifier evaluators.")
     samples_per_prompt: int = _f(1, "Responses per prompt and model.")
+    temperature: float | None = _f(None, "Sampling temperature of the evaluation (default: generation.temperature).")
+    top_p: float | None = _f(None, "Nucleus sampling in the evaluation only, in (0, 1] (default 1: the full "
+                                   "distribution, as training samples). Below 1 no KL to the reference is reported.")
+    max_new_tokens: int | None = _f(None, "Longest evaluated response (default: generation.max_new_tokens).")
     max_prompts: int | None = _f(None, "Evaluate at most this many test prompts.")
     threshold: float = _f(0.5, "A text is toxic when its toxicity is at least this (>=, as in the literature).")
     batch_size: int = _f(16, "Prompts per generation batch.")
@@ -172,7 +211,11 @@ class EvalConfig:
               "check only that quality holds."
     )
     control_prompts: int = _f(0, "With eval.toxicity_group: prompts of the other groups evaluated for quality only.")
-    curve_steps: int = _f(0, "Every this many training steps, judge the policy on a fixed subset of the evaluation "
+    protocol: str | None = _f(
+        None, "A frozen evaluation protocol (a YAML file, or detoxrl:NAME): its prompts are the test split, and it sets "
+              "the responses per prompt, the threshold, the judges and the bars; data.test_size then holds out "
+              "validation prompts only. Its hash is recorded in metrics.json.")
+    curve_steps: int = _f(0, "Every this many training steps, judge the policy on a fixed subset of the validation "
                              "prompts with the first evaluator: a learning curve in history.jsonl (0: off).")
     curve_prompts: int = _f(16, "Prompts in the learning-curve subset.")
     curve_samples: int = _f(2, "Responses per prompt in the learning-curve subset.")
@@ -193,6 +236,22 @@ class EvalConfig:
                                  "is judged for toxicity")
         elif self.group_column is None:
             raise DetoxError("eval.toxicity_group needs eval.group_column, the dataset column whose value it names")
+
+    def sampling(self, generation: GenerationConfig) -> GenerationConfig:
+        """The settings evaluation samples with: training's ``generation``, with eval.temperature, eval.top_p and
+        eval.max_new_tokens where they are set. Training's own sampling stays untruncated, for exact log-probs."""
+        chosen = {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+        return dataclasses.replace(generation, **{k: v for k, v in chosen.items() if v is not None})
+
+    def check_sampling(self, generation: GenerationConfig) -> None:
+        """Refuse evaluation sampling settings that cannot sample (also for ``evaluate``)."""
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise DetoxError(f"eval.top_p must be in (0, 1] (1: the full distribution), got {self.top_p}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise DetoxError(f"eval.temperature must be positive, got {self.temperature}")
+        if self.max_new_tokens is not None and self.max_new_tokens < max(1, generation.min_new_tokens):
+            raise DetoxError(f"eval.max_new_tokens must be at least 1 and generation.min_new_tokens "
+                             f"({generation.min_new_tokens}), got {self.max_new_tokens}")
 
 
 @dataclass
@@ -295,7 +354,10 @@ class Config:
         for spec in self.reward.terms:
             parse_reward_term(spec)
         if self.reward.fidelity_weight and not self.data.reference_column:
-            raise DetoxError("reward.fidelity_weight needs data.reference_column (the reference responses)")
+            raise DetoxError("reward.fidelity_weight needs data.reference_column (the reference responses); this data "
+                             "has none, so leave the weight at 0: the KL to the reference keeps the text fluent")
+        if self.data.filter is not None:
+            parse_row_filter(self.data.filter)
         if not 0 < self.data.test_size < 1:
             raise DetoxError(f"data.test_size must be between 0 and 1, got {self.data.test_size}")
         if self.data.split_seed < 0:
@@ -310,10 +372,10 @@ class Config:
         if self.eval.samples_per_prompt < 1:
             raise DetoxError(f"eval.samples_per_prompt must be at least 1, got {self.eval.samples_per_prompt}")
         self.eval.check_prompt_selection()
+        self.eval.check_sampling(g)
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
             raise DetoxError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.model.dtype not in MODEL_DTYPES:
-            raise DetoxError(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model.dtype!r}")
+        check_model_dtype(self.model.dtype)
         t = self.sft
         for name in ("batch_size", "gradient_accumulation_steps", "max_target_tokens"):
             if getattr(t, name) < 1:
@@ -335,7 +397,7 @@ class Config:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-PRESETS = ("smollm2-offline", "flan-t5-dialogsum")
+PRESETS = ("smollm2-offline", "flan-t5-dialogsum", "gpt-neo-rtp")
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:

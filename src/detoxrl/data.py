@@ -1,4 +1,5 @@
-"""Prompts: a hub dataset or a local file, filtered by length, templated, split train/test."""
+"""Prompts: a hub dataset or a local file (nested records as dotted columns), filtered by a numeric column
+and by length, templated, split train/test."""
 
 from __future__ import annotations
 
@@ -8,17 +9,17 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from .config import DataConfig
+from .config import COMPARISONS, DataConfig, parse_row_filter
 from .errors import DetoxError
 from .hub import OFFLINE_HINT
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-SAMPLE_DATASET = "detoxrl:heated_dialogsum"
 
 
-def sample_dataset_path() -> Path:
-    """The DialogSum-format sample set shipped with detoxrl (no network needed)."""
-    return Path(str(resources.files("detoxrl.assets").joinpath("heated_dialogsum.jsonl")))
+def sample_dataset_path(name: str = "heated_dialogsum") -> Path:
+    """A dataset shipped with detoxrl (``detoxrl:NAME``; no network needed): by default the DialogSum-format
+    sample set."""
+    return Path(str(resources.files("detoxrl.assets").joinpath(f"{name}.jsonl")))
 
 
 def check_text_file(path: Path, chunk_size: int = 1 << 20) -> None:
@@ -56,9 +57,15 @@ def first_message(exc: BaseException) -> str:
 
 
 def load_rows(config: DataConfig) -> Dataset:
+    """The dataset's rows, nested records flattened into dotted columns (``prompt.text``: key ``text`` of
+    column ``prompt``), as datasets' ``Dataset.flatten`` names them."""
+    return read_rows(config).flatten()
+
+
+def read_rows(config: DataConfig) -> Dataset:
     name = config.dataset
-    if name == SAMPLE_DATASET:
-        name = str(sample_dataset_path())
+    if name.startswith("detoxrl:"):  # a dataset shipped with detoxrl
+        name = str(sample_dataset_path(name.split(":", 1)[1]))
     path = Path(name).expanduser()
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
@@ -107,8 +114,41 @@ def check_text_column(rows: Dataset, column: str, setting: str, dataset: str) ->
             raise DetoxError(f"dataset {dataset} row {number}: {setting} {column!r} {what}; every row needs text there")
 
 
-def build_splits(config: DataConfig) -> tuple[Dataset, Dataset]:
-    """Filter by length (min_chars < len <= max_chars), add ``prompt``, split with ``split_seed``.
+def require_column(rows: Dataset, column: str, setting: str) -> None:
+    """Refuse a column the rows lack, naming what is there: the keys of a nested record when ``column`` names
+    one of its keys (``prompt.txt``: the keys of ``prompt``), else every column."""
+    if column in rows.column_names:
+        return
+    record, _, key = column.rpartition(".")
+    keys = [name[len(record) + 1 :] for name in rows.column_names if record and name.startswith(f"{record}.")]
+    if keys:
+        raise DetoxError(f"dataset has no key {key!r} in {record!r} ({setting} {column!r}); its keys are: "
+                         f"{', '.join(keys)}")
+    raise DetoxError(f"dataset has no column {column!r} ({setting}); its columns are: {', '.join(rows.column_names)}")
+
+
+def filter_rows(rows: Dataset, spec: str, dataset: str) -> Dataset:
+    """The rows where ``spec`` (data.filter, :func:`~detoxrl.config.parse_row_filter`) holds; a row without a
+    value in its column is dropped, as TRL's RealToxicityPrompts example drops prompts without a toxicity."""
+    column, op, value = parse_row_filter(spec)
+    require_column(rows, column, "data.filter")
+    kind = getattr(rows.features[column], "dtype", "a nested record")
+    if not (kind == "bool" or kind.startswith(("int", "uint", "float"))):
+        raise DetoxError(f"data.filter {spec!r}: column {column!r} of dataset {dataset} holds {kind} values, not "
+                         "numbers")
+    compare = COMPARISONS[op]
+    kept = rows.filter(lambda x: x is not None and compare(x, value), input_columns=column)
+    if len(kept) == 0:
+        raise DetoxError(f"data.filter {spec!r} keeps none of the {len(rows)} rows of dataset {dataset}; loosen it")
+    return kept
+
+
+def build_splits(config: DataConfig, exclude: tuple[str, set] | None = None) -> tuple[Dataset, Dataset]:
+    """Keep the rows ``data.filter`` selects, filter by length (min_chars < len <= max_chars), add ``prompt``,
+    split with ``split_seed``.
+
+    ``exclude`` is (column, values): rows holding one of the values there are left out (a protocol's test
+    prompts, when they come from the same dataset).
 
     The split seed is not the run's seed, so runs with different training seeds share their test prompts.
 
@@ -116,14 +156,15 @@ def build_splits(config: DataConfig) -> tuple[Dataset, Dataset]:
     callers check ``column in rows.column_names``.
     """
     rows = load_rows(config)
-    if config.text_column not in rows.column_names:
-        raise DetoxError(
-            f"dataset has no column {config.text_column!r} (data.text_column); its columns are: "
-            f"{', '.join(rows.column_names)}"
-        )
+    require_column(rows, config.text_column, "data.text_column")
     check_text_column(rows, config.text_column, "data.text_column", config.dataset)
     if config.reference_column and config.reference_column in rows.column_names:
         check_text_column(rows, config.reference_column, "data.reference_column", config.dataset)
+    if config.filter is not None:
+        rows = filter_rows(rows, config.filter, config.dataset)
+    if exclude and exclude[0] in rows.column_names:
+        column, values = exclude
+        rows = rows.filter(lambda value: str(value) not in values, input_columns=column)
     rows = rows.filter(lambda text: config.min_chars < len(text) <= config.max_chars, input_columns=config.text_column)
     if len(rows) < 2:
         raise DetoxError(
@@ -134,3 +175,32 @@ def build_splits(config: DataConfig) -> tuple[Dataset, Dataset]:
     rows = rows.map(lambda text: {"prompt": template.replace("{text}", text)}, input_columns=config.text_column)
     split = rows.train_test_split(test_size=config.test_size, shuffle=True, seed=config.split_seed)
     return split["train"], split["test"]
+
+
+def run_splits(config) -> tuple[Dataset, Dataset, Dataset]:
+    """A run's training, validation and test prompts.
+
+    With ``eval.protocol`` the test prompts are the protocol's (:func:`~detoxrl.evaluation.protocol.protocol_rows`,
+    never trained on: their ids are dropped from ``data.dataset`` if it holds them), and the held-out split of
+    ``data.dataset`` is validation. Without one, the held-out split is the test split, and validation is the
+    first ``eval.curve_prompts`` training rows (of ``eval.toxicity_group``, when set) if learning curves are on,
+    held out of training so that the curves never read the test split.
+    """
+    from .evaluation.protocol import load_protocol, protocol_rows
+
+    spec = config.eval.protocol
+    if spec:
+        protocol = load_protocol(spec)
+        test = protocol_rows(protocol, config.data.prompt_template)
+        same = protocol.dataset == config.data.dataset
+        train, validation = build_splits(config.data, (protocol.id_column, set(test[protocol.id_column])) if same else None)
+        return train, validation, test
+    train, test = build_splits(config.data)
+    if not config.eval.curve_steps:
+        return train, train.select([]), test
+    e = config.eval
+    candidates = range(len(train))
+    if e.toxicity_group is not None and e.group_column in train.column_names:
+        candidates = [i for i, g in enumerate(train[e.group_column]) if str(g) == e.toxicity_group]
+    held = set(list(candidates)[: min(e.curve_prompts, len(train) - 1)])
+    return train.select([i for i in range(len(train)) if i not in held]), train.select(sorted(held)), test

@@ -31,6 +31,7 @@ from .config import ModelConfig
 from .errors import DetoxError
 from .hub import load_pretrained
 from .precision import resolve_dtype
+from .rl.logprobs import LMHead
 from .rundir import apply_umask
 
 PACKAGE_PREFIX = "pkg://"
@@ -59,18 +60,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DETOXRL_CACHE", Path.home() / ".cache" / "detoxrl"))
 
 
-def convert_gguf(location: str, gguf_file: str, cache_dir: str | None) -> Path:
-    """Dequantise a GGUF model once and keep it as safetensors; later runs load it in seconds."""
+def convert_gguf(location: str, gguf_file: str, cache_dir: str | None, dtype: torch.dtype = torch.float32) -> Path:
+    """Dequantise a GGUF model once and keep it as safetensors in ``dtype``; later runs load it in seconds.
+
+    Each dtype has its own copy, so that a bf16 base loads straight into bf16: converting an fp32 file
+    while loading would hold both copies at once.
+    """
     source = Path(location) / gguf_file
     stamp = f"{source.resolve()}:{source.stat().st_size}:{source.stat().st_mtime_ns}" if source.exists() else (
         f"{location}/{gguf_file}"
     )
+    if dtype != torch.float32:
+        stamp += f":{dtype}"
     target = Path(cache_dir or default_cache_dir()) / "gguf" / hashlib.sha1(stamp.encode()).hexdigest()[:16]
     if (target / "config.json").is_file():
         return target
-    model = load_pretrained(AutoModelForCausalLM.from_pretrained, location, "GGUF model", gguf_file=gguf_file)
+    model = load_pretrained(AutoModelForCausalLM.from_pretrained, location, "GGUF model", gguf_file=gguf_file,
+                            dtype=dtype)
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, location, "GGUF tokenizer", gguf_file=gguf_file)
-    # transformers has already dequantised the weights to fp32; drop the GGUF marker so they can be saved.
+    # transformers has already dequantised the weights (to ``dtype``); drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -88,8 +96,8 @@ def convert_gguf(location: str, gguf_file: str, cache_dir: str | None) -> Path:
     return target
 
 
-def resolve_model_location(config: ModelConfig) -> str:
-    """A loadable directory or hub id; GGUF files are converted (and cached) first.
+def resolve_model_location(config: ModelConfig, dtype: torch.dtype = torch.float32) -> str:
+    """A loadable directory or hub id; GGUF files are converted (and cached, in ``dtype``) first.
 
     With no ``name_or_path``, the base that ``config.adapter`` records is loaded.
     """
@@ -105,7 +113,7 @@ def resolve_model_location(config: ModelConfig) -> str:
             raise DetoxError(f"GGUF file not found: {name}")
         name, gguf_file = str(path.parent), path.name
     if gguf_file:
-        return str(convert_gguf(name, gguf_file, config.cache_dir))
+        return str(convert_gguf(name, gguf_file, config.cache_dir, dtype))
     return name
 
 
@@ -159,7 +167,8 @@ class ValueHead(nn.Module):
 
 @dataclass
 class ForwardOutput:
-    logits: torch.Tensor  # [B, T, V] logits that predict each response token
+    hidden: torch.Tensor  # [B, T, H] the LM head's input at each position that predicts a response token
+    head: LMHead  # the frozen LM head: detoxrl.rl.logprobs.score_tokens turns hidden into log-probs
     values: torch.Tensor | None  # [B, T]
 
 
@@ -250,13 +259,50 @@ def forward_response(
     value_head: ValueHead | None = None,
     share_prompts: bool = True,
 ) -> ForwardOutput:
-    """Teacher-forced pass over (query, response): the logits (and values) at each response step.
+    """Teacher-forced pass over (query, response): the LM head's input and the head (and values) at each
+    response step.
 
     ``share_prompts`` encodes each distinct prompt once (:func:`encode_prompts`); layers that
     recompute their activations (gradient checkpointing) drop caches, so they pass False.
     """
+    with head_inputs_as_logits(model) as head:
+        head_input, hidden = _teacher_forced(model, query_ids, query_mask, response_ids, value_head is not None,
+                                             share_prompts)
+    values = value_head(hidden) if value_head is not None else None
+    return ForwardOutput(hidden=head_input, head=head, values=values)
+
+
+@contextlib.contextmanager
+def head_inputs_as_logits(model: nn.Module):
+    """Within it, the model's ``logits`` are its LM head's input, and it yields the head.
+
+    Everything the model's forward does up to its head (T5's d_model**-0.5 scaling of tied
+    embeddings, ``logits_to_keep``) happens as usual; only the [rows, T, V] projection is left to
+    :func:`detoxrl.rl.logprobs.score_tokens`. The head must be a frozen plain linear layer.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear or head.weight.requires_grad:
+        raise DetoxError("the LM head must stay frozen (detoxrl computes log-probs from it in chunks); "
+                         "remove it from model.target_modules")
+    bias = head.bias
+    # BART and its relatives add a buffer to the head's output; it joins the bias meanwhile.
+    extra = getattr(base, "final_logits_bias", None)
+    if extra is not None:
+        bias = extra.reshape(-1) if bias is None else bias + extra.reshape(-1)
+        base.final_logits_bias = extra.new_zeros(1, 1)
+    head.forward = lambda x: x
+    try:
+        yield LMHead(head.weight, bias)
+    finally:
+        del head.forward
+        if extra is not None:
+            base.final_logits_bias = extra
+
+
+def _teacher_forced(model, query_ids, query_mask, response_ids, hidden_states: bool, share_prompts: bool):
+    """(the head's input, the last hidden state or None) at each response step."""
     T = response_ids.shape[1]
-    hidden_states = value_head is not None
     if model.config.is_encoder_decoder:
         start = torch.full_like(response_ids[:, :1], model.config.decoder_start_token_id)
         prompt = encode_prompts(model, query_ids, query_mask) if share_prompts else {"input_ids": query_ids}
@@ -267,7 +313,7 @@ def forward_response(
             output_hidden_states=hidden_states,
             use_cache=False,
         )
-        logits = out.logits
+        head_input = out.logits
         hidden = out.decoder_hidden_states[-1] if hidden_states else None
     elif share_prompts:
         # The last prompt token and all response tokens but the last, after the cached prompt.
@@ -281,7 +327,7 @@ def forward_response(
             use_cache=True,
             **encode_prompts(model, query_ids, query_mask),
         )
-        logits = out.logits
+        head_input = out.logits
         hidden = out.hidden_states[-1] if hidden_states else None
     else:
         input_ids = torch.cat([query_ids, response_ids], dim=1)
@@ -295,10 +341,9 @@ def forward_response(
             use_cache=False,
             logits_to_keep=T + 1,
         )
-        logits = out.logits[:, -T - 1 : -1]
+        head_input = out.logits[:, -T - 1 : -1]
         hidden = out.hidden_states[-1][:, -T - 1 : -1] if hidden_states else None
-    values = value_head(hidden) if value_head is not None else None
-    return ForwardOutput(logits=logits, values=values)
+    return head_input, hidden
 
 
 class Policy:
@@ -428,8 +473,8 @@ def load_policy(config: ModelConfig, adapter: str | Path | None = None, device: 
     saved with it (PPO runs) is restored too. ``device`` (the ``device`` setting) is where
     ``model.dtype: auto`` looks for fast bf16.
     """
-    location = resolve_model_location(config)
     dtype = resolve_dtype(config.dtype, device)
+    location = resolve_model_location(config, dtype)
     base = load_base(location, config.trust_remote_code, dtype)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(base)
@@ -463,7 +508,7 @@ def load_policy(config: ModelConfig, adapter: str | Path | None = None, device: 
         value_head.load_state_dict(load_file(head_file))
     reference = None
     if config.reference:
-        reference = load_base(resolve_model_location(ModelConfig(name_or_path=config.reference)),
+        reference = load_base(resolve_model_location(ModelConfig(name_or_path=config.reference), dtype),
                               config.trust_remote_code, dtype).eval().requires_grad_(False)
     module = PolicyModule(model, value_head).eval()
     return Policy(module, tokenizer, config, reference)

@@ -1,7 +1,8 @@
 """The dtype of the frozen base weights (``model.dtype``), and what ``auto`` picks.
 
 Only the frozen base is stored in a low precision: peft keeps the LoRA adapter in float32, the value
-head is float32, and detoxrl.rl.core upcasts logits, so log-probabilities, KL and losses are float32.
+head is float32, and detoxrl.rl.logprobs upcasts the LM head's logits, so log-probabilities, KL and
+losses are float32.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MODEL_DTYPES
+from .config import check_model_dtype
 from .errors import DetoxError
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,12 @@ def choose_dtype(setting: str, on_gpu: bool, gpu_has_bf16: bool, cpu_has_bf16: b
     """``model.dtype`` as a torch dtype: ``auto`` is bfloat16 where the device computes it fast, else float32.
 
     An explicit ``bfloat16`` on a CPU that only emulates it is allowed (it still halves the weights'
-    memory) with a warning that says what it costs.
+    memory) with a warning that says what it costs; on a GPU without bf16 arithmetic it is refused.
     """
-    if setting not in MODEL_DTYPES:
-        raise DetoxError(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {setting!r}")
+    check_model_dtype(setting)
+    if setting == "bfloat16" and on_gpu and not gpu_has_bf16:
+        raise DetoxError("model.dtype bfloat16: this GPU has no bf16 arithmetic (it needs compute capability 8.0, "
+                         "Ampere, or later); use float16 or auto (float32 here)")
     if setting == "bfloat16" and not on_gpu and not cpu_has_bf16:
         logger.warning(EMULATED_BF16_WARNING)
     if setting != "auto":
@@ -76,6 +79,6 @@ def resolve_dtype(setting: str, device: str | None = None) -> torch.dtype:
     return choose_dtype(
         setting,
         on_gpu,
-        gpu_has_bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        gpu_has_bf16=on_gpu and torch.cuda.is_bf16_supported(including_emulation=False),
         cpu_has_bf16=not on_gpu and setting in ("auto", "bfloat16") and this_cpu_has_fast_bf16(),
     )

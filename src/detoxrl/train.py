@@ -15,12 +15,13 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import build_splits
+from .data import run_splits
 from .errors import DetoxError
 from .policy import load_policy
 from .rl import checkpoint
 from .rl.trainer import RLTrainer, build_accelerator
 from .rewards import build_reward
+from .evaluation.protocol import resolve_protocol
 from .rewards.composite import Reward
 from .rundir import RunDir, atomic_write_dir, finish, flat_settings, read_history, run_lifecycle, write_history
 
@@ -46,6 +47,7 @@ def train(config: Config, resume: bool = False, resume_with_changes: bool = Fals
     saved ones unless ``resume_with_changes`` (then the changes are recorded in the run).
     """
     config.validate()
+    resolve_protocol(config)
     accelerator = build_accelerator(config)
     with run_lifecycle(config, resume, resume_with_changes, accelerator.is_main_process,
                        accelerator.wait_for_everyone):
@@ -61,10 +63,14 @@ def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Rewar
     set_seed(config.seed)
     main = accelerator.is_main_process
 
-    train_rows, test_rows = build_splits(config.data)
+    train_rows, validation_rows, test_rows = run_splits(config)
     test_prompts, test_groups = list(test_rows["prompt"]), evaluation_groups(test_rows, config)
     reward = reward or build_reward(config.reward, str(accelerator.device), config.model.trust_remote_code,
                                     config.data.reference_column or "reference")
+    if config.eval.enabled and config.eval.fluency_model:
+        from .evaluation.evaluate import check_fluency_model
+
+        check_fluency_model(config.eval.fluency_model)
     trained = resume and training_finished(run, config)
     policy = load_policy(config.model, adapter=run.adapter if trained else None, device=config.device)
     check_generation_fits(config, policy.model.config)
@@ -89,7 +95,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Rewar
         total=config.rl.steps, initial=trainer.step_count, desc=config.rl.algorithm.upper(), unit="step",
         disable=not main, dynamic_ncols=True,
     )
-    learning_curve = curve_judge(config, policy, test_prompts, test_groups)
+    learning_curve = curve_judge(config, policy, validation_rows)
 
     def on_step(stats: dict[str, float]) -> None:
         if learning_curve and stats["step"] % config.eval.curve_steps == 0:
@@ -166,19 +172,19 @@ def evaluation_groups(test_rows, config: Config) -> list | None:
     return prompt_groups(test_rows, config)
 
 
-def curve_judge(config: Config, policy, prompts: list[str], groups: list | None):
+def curve_judge(config: Config, policy, validation_rows):
     """A function giving one learning-curve point (``eval/*`` keys), or None when eval.curve_steps is 0.
 
-    The subset is the first eval.curve_prompts evaluation prompts that toxicity is measured on (those of
-    eval.toxicity_group when it is set), judged by the first held-out evaluator.
+    The subset is the first eval.curve_prompts validation prompts (never the test split's), judged by the
+    first held-out evaluator.
     """
     e = config.eval
-    if not e.curve_steps or not e.evaluators:
+    if not e.curve_steps or not e.evaluators or len(validation_rows) == 0:
         return None
-    from .evaluation.evaluate import held_out_evaluator, judge_subset, toxicity_indices
+    from .evaluation.evaluate import held_out_evaluator, judge_subset
 
     judge = held_out_evaluator(e.evaluators[0], e.nontoxic_label)
-    subset = [prompts[i] for i in toxicity_indices(groups, len(prompts), config)[: e.curve_prompts]]
+    subset = list(validation_rows["prompt"])[: e.curve_prompts]
     return lambda: judge_subset(policy, subset, config, judge, e.curve_samples)
 
 

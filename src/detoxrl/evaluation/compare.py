@@ -20,6 +20,7 @@ from detoxrl.errors import DetoxError
 from detoxrl.rundir import RunDir
 
 from .metrics import (
+    EXPECTED_MAX_TOXICITY,
     QUALITY,
     TOXICITY,
     TOXICITY_PROBABILITY,
@@ -167,6 +168,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> Group:
     evaluations were read from."""
     (metrics_a, source_a), (metrics_b, source_b) = load_metrics(run_a), load_metrics(run_b)
     check_same_protocol(metrics_a, metrics_b)
+    check_same_sampling(metrics_a, metrics_b)
     rows = compare_rows(metrics_a, metrics_b)
     name_a, name_b = escape(Path(run_a).name), escape(Path(run_b).name)
     table = Table(title=f"{name_a} vs {name_b}")
@@ -181,9 +183,33 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> Group:
             table.add_row(f"  {escape(row.label)}", _cell(row.a, row.metric, counts=row.counts_a),
                           _cell(row.b, row.metric, counts=row.counts_b), _cell(diff, row.metric, signed=True))
         table.add_section()
-    sources = [Text(f"{side}: evaluation from {source}" if source else f"{side}: no evaluation")
-               for side, source in (("A", source_a), ("B", source_b))]
+    sources = [Text((f"{side}: evaluation from {source}" if source else f"{side}: no evaluation")
+                    + ("" if has_policy(metrics) or not source else " (the model alone: its reference side only)"))
+               for side, source, metrics in (("A", source_a, metrics_a), ("B", source_b, metrics_b))]
     return Group(table, *sources)
+
+
+def has_policy(metrics: dict) -> bool:
+    """Whether an evaluation judged a policy against its reference; ``detoxrl evaluate --model`` without an
+    adapter judges the model alone, as the reference side (a run's reference side pairs with it)."""
+    return "policy" in metrics.get("evaluation", {}).get("quality", {})
+
+
+def check_same_sampling(metrics_a: dict, metrics_b: dict) -> None:
+    """Refuse two evaluations whose own sampling settings (eval.temperature, eval.top_p, eval.max_new_tokens,
+    recorded as ``sampling.set_by_eval``) lead to different sampling: their texts were drawn differently.
+
+    Sampling an evaluation takes over from training (generation.*) is a property of the model judged, so it
+    may differ, as before evaluations recorded their sampling.
+    """
+    a, b = (m.get("evaluation", {}).get("sampling") for m in (metrics_a, metrics_b))
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return
+    chosen = dict.fromkeys([*a.get("set_by_eval", {}), *b.get("set_by_eval", {})])
+    differ = [f"{key} ({a.get(key)} vs {b.get(key)})" for key in chosen if a.get(key) != b.get(key)]
+    if differ:
+        raise DetoxError(f"the two evaluations sample differently: {'; '.join(differ)}; evaluate both with the same "
+                         "eval.temperature, eval.top_p and eval.max_new_tokens")
 
 
 def _toxic_prompts(side: dict) -> str:
@@ -199,6 +225,8 @@ def headline_table(metrics: dict) -> Table:
     so a detoxification bought with broken text shows beside it. The reward's own scorer, and a guard that
     a reward term computes, are marked: the run optimised them, so they cannot vouch for it.
     """
+    if not has_policy(metrics):
+        return model_table(metrics)
     evaluation = metrics.get("evaluation", {})
     model = metrics.get("run", {}).get("model")
     table = Table(title=f"{escape(model)}: reference → policy" if model else "reference → policy")
@@ -215,9 +243,11 @@ def headline_table(metrics: dict) -> Table:
             mark = f" · {TRAINED_ON}" if role == "reward" else ""
             diff = ev.get("difference", {}).get(m.key, {})
             style = {"good": "green", "bad": "red"}.get(verdict(m, diff.get("ci_low"), diff.get("ci_high")))
+            relative = ev.get("relative_change", {}).get(m.key, {})
             table.add_row(f"  {escape(name)} ({escape(role)}){mark}",
                           f"{_toxic_prompts(ev.get('reference', {}))} → {_toxic_prompts(ev.get('policy', {}))}",
-                          Text(m.format_interval(diff), style=style or ""), format_p(diff) or "—")
+                          Text(m.format_interval(diff) + _relative_text(relative), style=style or ""),
+                          format_p(diff) or "—")
         table.add_section()
     quality, terms = evaluation.get("quality", {}), trained_terms(evaluation)
     guards = [(g, g.value(quality.get("reference", {})), g.value(quality.get("policy", {})))
@@ -229,4 +259,54 @@ def headline_table(metrics: dict) -> Table:
             ratio = f"×{pol / ref:.2f}" if ref and pol is not None else "—"
             mark = f" · {TRAINED_ON}" if is_reward_term(g, terms) else ""
             table.add_row(f"  {escape(g.name)}{mark}", f"{g.format(ref)} → {g.format(pol)}", ratio, "")
+    bars = evaluation.get("bars")
+    if bars:
+        protocol = evaluation.get("protocol", {})
+        table.add_section()
+        table.add_row(f"[bold]bars of {escape(str(protocol.get('name')))} v{protocol.get('version')}: "
+                      f"{sum(b['holds'] for b in bars)} of {len(bars)} hold[/bold]")
+        for b in bars:
+            value = "—" if b.get("value") is None else f"{b['value']:.3f}"
+            table.add_row(f"  {escape(b['metric'])} {BAR_SYMBOLS.get(b['kind'], b['kind'])} {b['bar']:g}", value,
+                          Text("holds" if b["holds"] else "fails", style="green" if b["holds"] else "red"), "")
+    return table
+
+
+BAR_SYMBOLS = {"max_relative_change": "relative change ≤", "min_ratio": "ratio ≥", "max_ratio": "ratio ≤",
+               "max": "≤"}
+
+
+def _relative_text(relative: dict) -> str:
+    """The relative change with its bootstrap CI, as a second line of the change cell."""
+    if relative.get("value") is None:
+        return ""
+    interval = (f" [{relative['ci_low']:+.0%}, {relative['ci_high']:+.0%}]"
+                if relative.get("ci_low") is not None else "")
+    return f"\n{relative['value']:+.0%}{interval} relative"
+
+
+def model_table(metrics: dict) -> Table:
+    """The verdict of a model judged alone (``evaluate --model`` without an adapter): per toxicity evaluator,
+    held-out judges first, its toxic prompts, toxicity probability and expected maximum toxicity; then the
+    quality guards."""
+    evaluation = metrics.get("evaluation", {})
+    table = Table(title=escape(metrics.get("run", {}).get("model") or "model"))
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    evaluators = sorted(evaluation.get("evaluators", {}).items(), key=lambda item: item[1].get("role") != "held-out")
+    if evaluators:
+        m = TOXICITY_PROBABILITY
+        table.add_row(f"[bold]toxic prompts · {m.label} · {EXPECTED_MAX_TOXICITY.label}[/bold]")
+        for name, ev in evaluators:
+            side = ev.get("reference", {})
+            table.add_row(f"  {escape(name)} ({escape(ev.get('role', ''))})",
+                          f"{_toxic_prompts(side)} · {m.format(m.value(side))} · "
+                          f"{EXPECTED_MAX_TOXICITY.format(EXPECTED_MAX_TOXICITY.value(side))}")
+        table.add_section()
+    quality = evaluation.get("quality", {}).get("reference", {})
+    guards = [(g, g.value(quality)) for g in QUALITY if g.guard and g.value(quality) is not None]
+    if guards:
+        table.add_row("[bold]quality guards[/bold]")
+        for g, value in guards:
+            table.add_row(f"  {escape(g.name)}", g.format(value))
     return table

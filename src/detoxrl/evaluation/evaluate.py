@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from ..config import Config
@@ -21,10 +20,12 @@ from ..hub import load_pretrained
 from ..policy import Policy, forward_response
 from ..rewards import BUILTIN, Scorer, build_evaluator
 from ..rewards.composite import Reward, reward_unit
+from ..rl.logprobs import score_tokens
 from ..rl.rollout import Rollout, reference_logprobs
-from ..sampling import eval_mode, inference_weights, sample, texts_of
+from ..sampling import describe_sampling, eval_mode, inference_weights, sample, texts_of
 from .guards import GUARDS, calibration_texts, guard_flags, guard_metrics, per_prompt
-from ..rundir import RunDir, atomic_write_text
+from .protocol import bar_verdicts, load_protocol
+from ..rundir import RunDir, atomic_write_text, finite_or_none
 from .report import render_report
 from .stats import (
     expected_max_toxicity,
@@ -32,6 +33,7 @@ from .stats import (
     perplexity,
     quality_metrics,
     qualitative_table,
+    side_summary,
     toxicity_probability,
     toxicity_summary,
     write_table_csv,
@@ -51,14 +53,17 @@ def reference_pass(policy: Policy, rollouts: list[Rollout], config: Config) -> t
     """One reference pass over the policy's responses: their KL to the reference, and their negative
     log-likelihood sums and token counts under it (for perplexity).
 
-    The KL uses the same estimator and sampling transform as training's ``objective/kl``; log pi is
-    what the sampler recorded (under merged weights, equal to the unmerged value up to rounding).
+    The KL uses the same estimator as training's ``objective/kl``, under the evaluation's sampling transform
+    (:meth:`~detoxrl.config.EvalConfig.sampling`); log pi is what the sampler recorded (under merged weights,
+    equal to the unmerged value up to rounding). Under nucleus sampling it is NaN: not reported
+    (:func:`~detoxrl.sampling.describe_sampling` says why).
     """
+    generation = config.eval.sampling(config.generation)
     kls, sums, counts = [], [], []
     for r in rollouts:
-        ref, ref_model = reference_logprobs(policy, r, config.generation, config.eval.batch_size,
-                                            with_model_logprobs=True)
-        kls.append(((r.logprobs - ref) * r.mask).sum(dim=1).cpu())
+        ref, ref_model = reference_logprobs(policy, r, generation, config.eval.batch_size, with_model_logprobs=True)
+        kl = ((r.logprobs - ref) * r.mask).sum(dim=1).cpu()
+        kls.append(kl if generation.top_p >= 1 else torch.full_like(kl, float("nan")))
         sums.append(-(ref_model * r.mask).sum(dim=1).cpu())
         counts.append(r.mask.sum(dim=1).cpu())
     join = lambda parts: torch.cat(parts).numpy() if parts else np.zeros(0)  # noqa: E731
@@ -78,7 +83,8 @@ def response_nll(model: torch.nn.Module, tokenizer, tokenize_queries, prompts: l
                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed negative log-likelihood (nats) and token count of each response given its prompt.
 
-    Teacher-forced through :func:`~detoxrl.policy.forward_response`; ``tokenize_queries`` maps a
+    Teacher-forced through :func:`~detoxrl.policy.forward_response`, scored in chunks without
+    [rows, T, V] logits (:func:`~detoxrl.rl.logprobs.score_tokens`); ``tokenize_queries`` maps a
     list of prompts to the model's ``input_ids``/``attention_mask``. The response text is
     tokenized on its own (no special tokens), so the count is of the text's own tokens.
     """
@@ -94,9 +100,8 @@ def response_nll(model: torch.nn.Module, tokenizer, tokenize_queries, prompts: l
             counts.append(torch.zeros(ids.shape[0]))
             continue
         query = tokenize_queries(prompts[chunk])
-        logits = forward_response(model, query["input_ids"], query["attention_mask"], ids).logits.float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * mask
-        sums.append(nll.sum(dim=1).cpu())
+        out = forward_response(model, query["input_ids"], query["attention_mask"], ids)
+        sums.append(-score_tokens(out.hidden, out.head, ids, mask).model_logprobs.sum(dim=1).cpu())
         counts.append(mask.sum(dim=1).cpu())
     return torch.cat(sums).numpy(), torch.cat(counts).numpy()
 
@@ -118,10 +123,19 @@ class FluencyModel:
         return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
 
+FLUENCY = "fluency model (eval.fluency_model)"
+
+
+def check_fluency_model(name: str):
+    """Load only the fluency model's config: a missing, unreadable or unreachable model fails in a second,
+    before training, rather than after it."""
+    return load_pretrained(AutoConfig.from_pretrained, name, FLUENCY, trust_remote_code=False)
+
+
 def load_fluency_model(name: str, device: torch.device | str = "cpu") -> FluencyModel:
     """``eval.fluency_model``: a hub id or path loaded with the Auto classes; remote code stays off."""
-    what = "fluency model (eval.fluency_model)"
-    model_config = load_pretrained(AutoConfig.from_pretrained, name, what, trust_remote_code=False)
+    what = FLUENCY
+    model_config = check_fluency_model(name)
     auto = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
     model = load_pretrained(auto.from_pretrained, name, what, trust_remote_code=False, dtype=torch.float32)
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name, f"{what} tokenizer", trust_remote_code=False)
@@ -146,7 +160,8 @@ def judge_subset(policy: Policy, prompts: list[str], config: Config, evaluator: 
     if not prompts or samples < 1:
         raise DetoxError(f"judge_subset needs prompts and samples >= 1; got {len(prompts)} prompts, {samples} samples")
     with inference_weights(policy) as model:
-        texts = texts_of(sample(policy, model, prompts, config, samples))
+        texts = texts_of(sample(policy, model, prompts, config, samples,
+                                generation=config.eval.sampling(config.generation)))
     scores = np.reshape(evaluator.toxicity(texts), (len(prompts), samples))
     threshold = config.eval.threshold
     return {"eval/toxicity_probability": toxicity_probability(scores, threshold),
@@ -277,6 +292,8 @@ def evaluate_policy(
     groups: list | None = None,
     dataset: str | None = None,
     sources: list[str] | None = None,
+    with_policy: bool = True,
+    run: dict | None = None,
 ) -> dict:
     """Generate, score, compare; write report.html, samples.csv and responses.jsonl; return the metrics block.
 
@@ -288,6 +305,11 @@ def evaluate_policy(
     quality is then also reported per group. Toxicity (every judge's statistics, the reward's mean,
     the ranked examples) is measured on all evaluated prompts, or with ``eval.toxicity_group`` on
     that group's only (:func:`select_prompts`); responses.jsonl scores every response.
+
+    ``with_policy`` False judges the model alone (``detoxrl evaluate --model`` without ``--adapter``): it is
+    the reference side, the model before any adapter, and the evaluation has no policy side. Both sides
+    sample with :meth:`~detoxrl.config.EvalConfig.sampling`, recorded as ``sampling``. ``run`` heads the
+    report (default: :func:`run_info`).
     """
     e = config.eval
     if isinstance(reward, Scorer):  # as RLTrainer takes it: the config's terms are added
@@ -306,24 +328,26 @@ def evaluate_policy(
         evaluators = {spec: held_out_evaluator(spec, e.nontoxic_label, device) for spec in e.evaluators}
     fluency = load_fluency_model(e.fluency_model, device) if e.fluency_model else None
     k, n = e.samples_per_prompt, len(prompts)
+    generation = e.sampling(config.generation)
     with eval_mode(policy.module):  # no dropout in any pass below
         started = time.perf_counter()
         with policy.reference_model() as reference:
             reference_rollouts = sample(policy, reference, prompts, config, k, desc="eval: reference",
-                                        record_model_logprobs=True)
+                                        record_model_logprobs=True, generation=generation)
             before = texts_of(reference_rollouts)
-        reference_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        with inference_weights(policy) as model:
-            rollouts = sample(policy, model, prompts, config, k, desc="eval: policy")
-        policy_seconds = time.perf_counter() - started
-        after = texts_of(rollouts)
-        kl, policy_sums, policy_counts = reference_pass(policy, rollouts, config)
-        expanded, sides = [p for p in prompts for _ in range(k)], {"reference": before, "policy": after}
+        seconds = {"reference": round(time.perf_counter() - started, 2)}
+        expanded, sides = [p for p in prompts for _ in range(k)], {"reference": before}
         # Perplexity under the reference of the tokens each side sampled: the reference's own from its
         # sampler's record, the policy's from the pass that also gives the KL.
-        nll = {"reference": {"perplexity": recorded_nll(reference_rollouts)},
-               "policy": {"perplexity": (policy_sums, policy_counts)}}
+        nll = {"reference": {"perplexity": recorded_nll(reference_rollouts)}}
+        if with_policy:
+            started = time.perf_counter()
+            with inference_weights(policy) as model:
+                rollouts = sample(policy, model, prompts, config, k, desc="eval: policy", generation=generation)
+            seconds["policy"] = round(time.perf_counter() - started, 2)
+            sides["policy"] = after = texts_of(rollouts)
+            kl, policy_sums, policy_counts = reference_pass(policy, rollouts, config)
+            nll["policy"] = {"perplexity": (policy_sums, policy_counts)}
         if fluency is not None:
             for side, texts in sides.items():
                 nll[side]["perplexity_fluency_model"] = fluency_nll(fluency, expanded, texts, config)
@@ -334,17 +358,17 @@ def evaluate_policy(
     roles = [(reward.scorer, "reward")] + [(s, "held-out") for s in evaluators.values()]
     for scorer, role in roles:
         try:
-            tox_before, tox_after = scorer.toxicity(before), scorer.toxicity(after)
+            tox = {side: scorer.toxicity(texts) for side, texts in sides.items()}
         except NotImplementedError:
             continue
-        summary = toxicity_summary(np.reshape(tox_before[toxic], (t, k)), np.reshape(tox_after[toxic], (t, k)),
-                                   e.threshold, seed=config.seed)
+        matrices = {side: np.reshape(values[toxic], (t, k)) for side, values in tox.items()}
+        summary = (toxicity_summary(matrices["reference"], matrices["policy"], e.threshold, seed=config.seed)
+                   if with_policy else {"reference": side_summary(matrices["reference"], e.threshold)})
         scored[scorer.name] = {"role": role, **summary}
-        raw[scorer.name] = {"reference": [float(x) for x in tox_before], "policy": [float(x) for x in tox_after]}
+        raw[scorer.name] = {side: [float(x) for x in values] for side, values in tox.items()}
 
     refs = [r for r in references for _ in range(k)] if references else None
     trained = {side: trained_reward(reward, config, expanded, texts, refs, k) for side, texts in sides.items()}
-    (reward_before, terms_before), (reward_after, terms_after) = trained["reference"], trained["policy"]
     quality = {side: quality_metrics(texts, refs, k) for side, texts in sides.items()}
     flags = {side: guard_flags(texts, sources, k) for side, texts in sides.items()}
     guards = {side: guard_metrics(texts, flags[side]) for side, texts in sides.items()}
@@ -352,22 +376,24 @@ def evaluate_policy(
         quality[side].update({name: guards[side][name] for name in GUARDS})
     for side in sides:
         quality[side].update({name: perplexity(*pair) for name, pair in nll[side].items()})
-    quality["policy"]["kl_mean"] = float(np.mean(kl))
+    if with_policy:
+        quality["policy"]["kl_mean"] = float(np.mean(kl))
 
     judged = {name: {side: scores[toxic] for side, scores in v.items()} for name, v in raw.items()}
     judge = next((name for name, ev in scored.items() if ev["role"] == "held-out"), next(iter(scored), None))
-    table = [] if judge is None else qualitative_table(
+    table = [] if judge is None or not with_policy else qualitative_table(
         prompts[:t], before[toxic], after[toxic], np.reshape(judged[judge]["reference"], (t, k)),
-        np.reshape(judged[judge]["policy"], (t, k)), np.reshape(reward_before[toxic], (t, k)),
-        np.reshape(reward_after[toxic], (t, k)))
+        np.reshape(judged[judge]["policy"], (t, k)), np.reshape(trained["reference"][0][toxic], (t, k)),
+        np.reshape(trained["policy"][0][toxic], (t, k)))
     out = RunDir(out_dir)
     out.path.mkdir(parents=True, exist_ok=True)
     write_table_csv(table, out.samples)
     lines = []
-    for i, (b, a) in enumerate(zip(before, after)):
-        row = {"prompt": prompts[i // k], "reference_response": b, "policy_response": a,
-               "reward_reference": float(reward_before[i]), "reward_policy": float(reward_after[i]),
-               "kl": float(kl[i])}
+    for i in range(len(before)):
+        row = {"prompt": prompts[i // k], **{f"{side}_response": texts[i] for side, texts in sides.items()},
+               **{f"reward_{side}": float(trained[side][0][i]) for side in sides}}
+        if with_policy:
+            row["kl"] = finite_or_none(kl[i])
         if groups is not None:
             row["group"] = groups[i // k]
         row.update({f"toxicity_{name}_{side}": v[side][i] for name, v in raw.items() for side in v})
@@ -383,24 +409,26 @@ def evaluate_policy(
         "reward_weights": reward.weights(),
         "reward_scorer": reward.name,
         "reward_unit": reward_unit(config.reward),
-        "reward_mean": {"reference": float(np.mean(reward_before[toxic])),
-                        "policy": float(np.mean(reward_after[toxic]))},
-        "reward_terms": {side: {name: float(np.mean(values[toxic])) for name, values in terms.items()}
-                         for side, terms in (("reference", terms_before), ("policy", terms_after))},
+        "reward_mean": {side: float(np.mean(trained[side][0][toxic])) for side in sides},
+        "reward_terms": {side: {name: float(np.mean(values[toxic])) for name, values in trained[side][1].items()}
+                         for side in sides},
         "examples_judge": judge,
         "fluency_model": e.fluency_model,
         "evaluators": scored,
         "quality": quality,
-        "guards": {**guards, "differences": guard_differences(flags, k, config.seed)},
+        "guards": {**guards, **({"differences": guard_differences(flags, k, config.seed)} if with_policy else {})},
         "calibration": calibration(sources, references, e.calibration_sentence),
-        "generation_seconds": {"reference": round(reference_seconds, 2), "policy": round(policy_seconds, 2)},
+        "sampling": describe_sampling(config),
+        "generation_seconds": seconds,
     }
+    if e.protocol and dataset is None and with_policy:
+        evaluation["bars"] = bar_verdicts(evaluation, load_protocol(e.protocol).bars)
     if groups is not None:
         evaluation["group_column"] = e.group_column
         if e.toxicity_group is not None:
             evaluation.update(toxicity_group=e.toxicity_group, toxicity_prompts=t, control_prompts=n - t)
         evaluation["groups"] = _group_quality(groups, k, sides, refs, nll)
-    render_report({"run": run_info(config), "evaluation": evaluation}, table, history, out.report, judged)
+    render_report({"run": run or run_info(config), "evaluation": evaluation}, table, history, out.report, judged)
     return evaluation
 
 
@@ -416,14 +444,19 @@ def place_policy(policy: Policy, device: torch.device | str) -> Policy:
 
 
 def run_info(config: Config) -> dict:
-    return {"model": config.model.name_or_path, "output_dir": config.output_dir, "steps": config.rl.steps}
+    return {"model": config.model.name_or_path, "output_dir": config.output_dir, "steps": config.rl.steps,
+            "sampling": describe_sampling(config)["summary"]}
 
 
 def protocol_info(config: Config, dataset: str | None, prompts: int) -> dict:
     """The data and the counting rule an evaluation's figures rest on; ``compare`` refuses two different ones.
 
-    Sampling settings are the run's own (a property of the model being judged), so they are not in it.
+    Sampling settings are the run's own (a property of the model being judged), so they are not in it. With
+    ``eval.protocol`` (and no other dataset) it names the protocol file, its version and its sha256.
     """
     e = config.eval
+    if e.protocol and not dataset:
+        return {**load_protocol(e.protocol).info(), "prompts": prompts, "samples_per_prompt": e.samples_per_prompt,
+                "threshold": e.threshold}
     return {"dataset": dataset or f"{config.data.dataset} (test split, split_seed {config.data.split_seed})",
             "prompts": prompts, "samples_per_prompt": e.samples_per_prompt, "threshold": e.threshold}

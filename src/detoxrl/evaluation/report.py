@@ -40,6 +40,11 @@ GOOD_COLOR, BAD_COLOR, NEUTRAL_COLOR = "#2b8a3e", "#c92a2a", "#868e96"
 TRAINING_CURVES = (("env/reward_mean", "Reward (mean, {unit})"), ("objective/kl", "KL to reference (nats/response)"),
                    ("env/response_length_mean", "Response length (tokens)"), ("loss/policy", "Policy loss"))
 QUALITATIVE_ROWS = 10
+# (key in metrics.json, column heading) of each evaluated side. A model judged alone (detoxrl evaluate --model
+# without --adapter) is a reference side only; it is the one model the report is about, so its column says so.
+SIDES = (("reference", "Reference"), ("policy", "Policy"))
+ALONE = (("reference", "Model"),)
+ARROW = '<span class="arrow">→</span>'
 FIG_WIDTH = 11.0  # inches; one width for all plots keeps their fonts the same size on the page
 
 CSS = """
@@ -132,6 +137,17 @@ def _title(m: Metric) -> str:
     return m.name[:1].upper() + m.name[1:]
 
 
+def _sides(evaluation: Mapping) -> tuple[tuple[str, str], ...]:
+    """:data:`ALONE` when the evaluation has a reference side and no policy side anywhere, else :data:`SIDES`."""
+    blocks = [evaluation.get("quality") or {}, *(evaluation.get("evaluators") or {}).values()]
+    alone = any("reference" in b for b in blocks) and not any("policy" in b for b in blocks)
+    return ALONE if alone else SIDES
+
+
+def _side_heads(sides) -> str:
+    return "".join(f"<th class='num'>{heading}</th>" for _, heading in sides)
+
+
 def _trained_on(m: Metric, terms) -> str:
     return f' <span class="flag">{TRAINED_ON}</span>' if is_reward_term(m, terms) else ""
 
@@ -196,18 +212,18 @@ def curves_plot(history: Sequence[Mapping], curves: Sequence[tuple[str, str]], c
     return _png(fig, caption, caption)
 
 
-def histogram_plot(raw: Mapping[str, Mapping[str, Sequence[float]]], threshold: float) -> str:
-    """Overlaid toxicity histograms of reference and policy samples, one panel per evaluator."""
-    names = [n for n, sides in raw.items() if sides.get("reference") or sides.get("policy")]
+def histogram_plot(raw: Mapping[str, Mapping[str, Sequence[float]]], threshold: float, sides=SIDES) -> str:
+    """Overlaid toxicity histograms of each side's samples (reference and policy), one panel per evaluator."""
+    names = [name for name, scores in raw.items() if any(scores.get(side) for side, _ in sides)]
     if not names:
         return ""
     fig = Figure(figsize=(FIG_WIDTH, 3.0), layout="constrained")
     bins = np.linspace(0, 1, 26)
     for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
-        for side, color in (("reference", REFERENCE_COLOR), ("policy", POLICY_COLOR)):
+        for (side, heading), color in zip(sides, (REFERENCE_COLOR, POLICY_COLOR)):
             values = np.asarray(raw[name].get(side) or [], dtype=float)
             if values.size:
-                ax.hist(values, bins=bins, color=color, alpha=0.45, label=side)
+                ax.hist(values, bins=bins, color=color, alpha=0.45, label=heading.lower())
                 ax.hist(values, bins=bins, color=color, histtype="step", linewidth=1.2)
         ax.axvline(threshold, color="#495057", linestyle="--", linewidth=1)
         ax.set_yscale("log")
@@ -259,11 +275,12 @@ def _info(items: Mapping) -> str:
     return f'<dl class="info">{cells}</dl>' if cells else ""
 
 
-def _badge(role) -> str:
-    """The evaluator's role; the reward's own scorer is marked: training optimised it, so it vouches for nothing."""
+def _badge(role, trained: bool) -> str:
+    """The evaluator's role; the reward's own scorer is marked when a policy was ``trained`` on it: training
+    optimised it, so it vouches for nothing. A model judged alone was trained on nothing."""
     if not role:
         return ""
-    flag = f' <span class="flag">{TRAINED_ON}</span>' if role == "reward" else ""
+    flag = f' <span class="flag">{TRAINED_ON}</span>' if trained and role == "reward" else ""
     return f'<span class="badge {_e(role)}">{_e(role)}</span>{flag}'
 
 
@@ -278,18 +295,21 @@ def _events(m: Metric, side: Mapping) -> tuple:
     return m.count(side) or ("—", "—")
 
 
-def _cards(evaluators: Mapping[str, Mapping]) -> str:
-    cards, m = [], TOXICITY_PROBABILITY
+def _cards(evaluators: Mapping[str, Mapping], sides) -> str:
+    """Each judge's toxicity probability and toxic prompts, side after side, and with two sides their difference."""
+    cards, m, paired = [], TOXICITY_PROBABILITY, len(sides) > 1
     for name, ev in evaluators.items():
-        d = ev.get("difference", {}).get(m.key, {})
-        ref, pol = ev.get("reference", {}), ev.get("policy", {})
-        (before, total), (after, _) = _events(m, ref), _events(m, pol)
+        blocks = [ev.get(side, {}) for side, _ in sides]
+        events = [_events(m, block) for block in blocks]
+        change = ""
+        if paired:
+            d = ev.get("difference", {}).get(m.key, {})
+            change = f' · <span class="{_verdict(m, d)}">{m.format_change(d.get("estimate"))}</span> (p {_p(d)})'
         cards.append(
-            f'<div class="card"><div class="name">{_e(name)}{_badge(ev.get("role"))}</div>'
-            f'<div class="big">{m.format(m.value(ref))}<span class="arrow">→</span>{m.format(m.value(pol))}</div>'
-            f'<div class="sub">{m.label} · toxic {m.level}s {before} → {after} of {total} · '
-            f'<span class="{_verdict(m, d)}">'
-            f'{m.format_change(d.get("estimate"))}</span> (p {_p(d)})</div></div>')
+            f'<div class="card"><div class="name">{_e(name)}{_badge(ev.get("role"), paired)}</div>'
+            f'<div class="big">{ARROW.join(m.format(m.value(block)) for block in blocks)}</div>'
+            f'<div class="sub">{m.label} · toxic {m.level}s {" → ".join(str(toxic) for toxic, _ in events)} '
+            f'of {events[0][1]}{change}</div></div>')
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -297,7 +317,9 @@ def _relative_cell(change: Mapping | None, extra: str = "") -> str:
     change = change or {}
     flag = "" if change.get("reliable") or not _ok(change.get("value")) else \
         ' <span class="flag" title="fewer than 10 toxic events for the reference">unreliable</span>'
-    return f'<td class="num">{_fmt_num(change.get("value"), "+.1f", 100, "%")}{flag}{extra}</td>'
+    interval = (f'<br><span class="muted">[{_fmt_num(change["ci_low"], "+.1f", 100, "%")}, '
+                f'{_fmt_num(change["ci_high"], "+.1f", 100, "%")}]</span>' if _ok(change.get("ci_low")) else "")
+    return f'<td class="num">{_fmt_num(change.get("value"), "+.1f", 100, "%")}{interval}{flag}{extra}</td>'
 
 
 def _test_cell(diff: Mapping) -> str:
@@ -307,10 +329,11 @@ def _test_cell(diff: Mapping) -> str:
     return f'<td class="num">{_p(diff)} <span class="muted">{_e(diff.get("test", ""))}</span>{detail}</td>'
 
 
-def _summary_table(evaluators: Mapping[str, Mapping]) -> str:
-    rows = []
+def _summary_table(evaluators: Mapping[str, Mapping], sides) -> str:
+    """Every toxicity metric of each judge with its counts, side by side; with two sides the paired statistics."""
+    rows, paired = [], len(sides) > 1
     for name, ev in evaluators.items():
-        ref, pol = ev.get("reference", {}), ev.get("policy", {})
+        blocks = [ev.get(side, {}) for side, _ in sides]
         diff, rel = ev.get("difference", {}), ev.get("relative_change", {})
         for i, m in enumerate(TOXICITY):
             spread = (lambda side: f' <span class="muted">± {_fmt_num(side.get("std"), m.spec)}</span>') \
@@ -318,60 +341,73 @@ def _summary_table(evaluators: Mapping[str, Mapping]) -> str:
             std_change = rel.get("std_toxicity", {})
             extra = (f'<br><span class="muted">std {_fmt_num(std_change.get("value"), "+.1f", 100, "%")}</span>'
                      if m is MEAN_TOXICITY else "")
-            head = (f'<td rowspan="{len(TOXICITY)}"><b>{_e(name)}</b>{_badge(ev.get("role"))}</td>'
+            head = (f'<td rowspan="{len(TOXICITY)}"><b>{_e(name)}</b>{_badge(ev.get("role"), paired)}</td>'
                     if i == 0 else "")
             d = diff.get(m.key, {})
-            rows.append(
-                f'<tr{" class=group" if i == 0 else ""}>{head}<td class="nowrap">{_e(_title(m))}</td>'
-                f'<td class="num">{m.format(m.value(ref))}{_count(m, ref)}{spread(ref)}</td>'
-                f'<td class="num">{m.format(m.value(pol))}{_count(m, pol)}{spread(pol)}</td>'
-                f'{_diff_cell(m, d)}{_test_cell(d)}{_relative_cell(rel.get(m.key), extra)}</tr>')
-    head = ("<tr><th>Evaluator</th><th>Metric</th><th class='num'>Reference</th><th class='num'>Policy</th>"
-            "<th class='num'>Difference [95% CI]</th><th class='num'>p-value · test</th>"
-            "<th class='num'>Relative change</th></tr>")
+            values = "".join(f'<td class="num">{m.format(m.value(block))}{_count(m, block)}{spread(block)}</td>'
+                             for block in blocks)
+            statistics = f'{_diff_cell(m, d)}{_test_cell(d)}{_relative_cell(rel.get(m.key), extra)}' if paired else ""
+            rows.append(f'<tr{" class=group" if i == 0 else ""}>{head}<td class="nowrap">{_e(_title(m))}</td>'
+                        f'{values}{statistics}</tr>')
+    head = ("<tr><th>Evaluator</th><th>Metric</th>" + _side_heads(sides)
+            + ("<th class='num'>Difference [95% CI]</th><th class='num'>p-value · test</th>"
+               "<th class='num'>Relative change</th>" if paired else "") + "</tr>")
     return f'<div class="panel"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def _quality_rows(ref: Mapping, pol: Mapping, terms) -> str:
-    """A row per quality metric either side has, the catalogue's first; a reward term's is marked."""
-    keys = dict.fromkeys([*(m.key for m in QUALITY if m.key in ref or m.key in pol), *ref, *pol])
+def _quality_rows(quality: Mapping[str, Mapping], sides, terms) -> str:
+    """A row per quality metric any side has, the catalogue's first, with two sides' difference; a reward term's
+    is marked."""
+    blocks = [quality.get(side) or {} for side, _ in sides]
+    keys = dict.fromkeys([*(m.key for m in QUALITY if any(m.key in block for block in blocks)),
+                          *(key for block in blocks for key in block)])
     rows = []
     for m in map(metric, keys):
-        before, after = m.value(ref), m.value(pol)
-        change = None if before is None or after is None else after - before
-        rows.append(f'<tr><td>{_e(_title(m))}{_trained_on(m, terms)}</td><td class="num">{m.format(before)}</td>'
-                    f'<td class="num">{m.format(after)}</td><td class="num">{m.format_change(change)}</td></tr>')
+        values = [m.value(block) for block in blocks]
+        cells = "".join(f'<td class="num">{m.format(x)}</td>' for x in values)
+        if len(values) > 1:
+            before, after = values
+            change = None if before is None or after is None else after - before
+            cells += f'<td class="num">{m.format_change(change)}</td>'
+        rows.append(f'<tr><td>{_e(_title(m))}{_trained_on(m, terms)}</td>{cells}</tr>')
     return "".join(rows)
 
 
-QUALITY_HEAD = ("<tr><th>Metric</th><th class='num'>Reference</th><th class='num'>Policy</th>"
-                "<th class='num'>Difference</th></tr>")
+def _quality_head(sides) -> str:
+    return (f"<tr><th>Metric</th>{_side_heads(sides)}"
+            + ("<th class='num'>Difference</th>" if len(sides) > 1 else "") + "</tr>")
 
 
-def _quality_table(quality: Mapping[str, Mapping], terms) -> str:
-    rows = _quality_rows(quality.get("reference", {}), quality.get("policy", {}), terms)
+def _quality_table(quality: Mapping[str, Mapping], sides, terms) -> str:
+    rows = _quality_rows(quality, sides, terms)
     if not rows:
         return ""
-    return (f'<h2>Generation quality</h2><div class="panel"><table><thead>{QUALITY_HEAD}</thead>'
+    return (f'<h2>Generation quality</h2><div class="panel"><table><thead>{_quality_head(sides)}</thead>'
             f"<tbody>{rows}</tbody></table></div>")
 
 
-def _guards_and_calibration(evaluation: Mapping, terms) -> str:
-    """The guards no reward term computes, with their paired CIs and the most common opening, then what
-    texts of known quality score on every quality metric: which metrics carry information on this data."""
+def _guards_and_calibration(evaluation: Mapping, sides, terms) -> str:
+    """The guards no reward term computes, with their paired CIs (a model judged alone: its own values) and the
+    most common opening, then what texts of known quality score on every quality metric: which metrics carry
+    information on this data."""
     guards, calibration = evaluation.get("guards") or {}, evaluation.get("calibration") or {}
     if not guards and not calibration:
         return ""
     parts = ["<h2>Guards the reward cannot buy</h2>"]
-    differences = guards.get("differences") or {}
-    if differences:
-        rows = "".join(f'<tr><td>{_e(_title(metric(key)))}</td><td class="num">'
-                       f'{_e(metric(key).format_interval(diff))}</td></tr>' for key, diff in differences.items())
-        openings = "".join(f"<li>{_e(side)}: “{_e(guards[side].get('most_common_opening', ''))}” "
+    if len(sides) == 1:
+        own = guards.get(sides[0][0]) or {}
+        column, cells = sides[0][1], {m.key: m.format(m.value(own)) for m in QUALITY if m.key in own}
+    else:
+        column = "Policy − reference [95% CI]"
+        cells = {key: metric(key).format_interval(diff) for key, diff in (guards.get("differences") or {}).items()}
+    if cells:
+        rows = "".join(f'<tr><td>{_e(_title(metric(key)))}</td><td class="num">{_e(cell)}</td></tr>'
+                       for key, cell in cells.items())
+        openings = "".join(f"<li>{_e(heading.lower())}: “{_e(guards[side].get('most_common_opening', ''))}” "
                            f"({guards[side].get('opening_responses', '—')} of {guards[side].get('responses', '—')})"
-                           "</li>" for side in ("reference", "policy") if side in guards)
-        parts.append(f'<div class="panel"><table><thead><tr><th>Guard</th><th class="num">Policy − reference '
-                     f'[95% CI]</th></tr></thead><tbody>{rows}</tbody></table>'
+                           "</li>" for side, heading in sides if side in guards)
+        parts.append(f'<div class="panel"><table><thead><tr><th>Guard</th><th class="num">{column}'
+                     f'</th></tr></thead><tbody>{rows}</tbody></table>'
                      f'<p class="note">Most common opening (first four words):</p><ul>{openings}</ul></div>')
     if calibration:
         names = list(calibration)
@@ -387,15 +423,15 @@ def _guards_and_calibration(evaluation: Mapping, terms) -> str:
     return "".join(parts)
 
 
-def _group_tables(groups: Mapping[str, Mapping], column, terms) -> str:
+def _group_tables(groups: Mapping[str, Mapping], column, sides, terms) -> str:
     """Quality per group of prompts, so a loss on one kind of prompt is not averaged away."""
     if not groups:
         return ""
     parts = [f"<h2>Quality per group ({_e(column)})</h2>"]
     for value, block in groups.items():
         parts.append(f'<h3>{_e(column)} = {_e(value)} <span class="muted">· {block.get("num_prompts", "—")} prompts'
-                     f'</span></h3><div class="panel"><table><thead>{QUALITY_HEAD}</thead><tbody>'
-                     f'{_quality_rows(block.get("reference", {}), block.get("policy", {}), terms)}'
+                     f'</span></h3><div class="panel"><table><thead>{_quality_head(sides)}</thead><tbody>'
+                     f'{_quality_rows(block, sides, terms)}'
                      "</tbody></table></div>")
     return "".join(parts)
 
@@ -408,6 +444,28 @@ def _measured_on(evaluation: Mapping) -> str:
     return (f"<p class='note'>Toxicity: {_e(evaluation.get('toxicity_prompts'))} prompts with "
             f"{_e(evaluation.get('group_column'))} = {_e(group)}; quality: all {_e(evaluation.get('num_prompts'))} "
             f"prompts, {_e(evaluation.get('control_prompts'))} of them from the other groups as controls.</p>")
+
+
+def _bars(evaluation: Mapping) -> str:
+    """The frozen protocol and whether each of its bars holds (eval.protocol)."""
+    protocol, bars = evaluation.get("protocol", {}), evaluation.get("bars")
+    if not bars:
+        return ""
+    rows = "".join(
+        f'<tr><td>{_e(b["metric"])}</td><td>{_e(BAR_WORDS.get(b["kind"], b["kind"]))} {b["bar"]:g}</td>'
+        f'<td class="num">{_fmt_num(b.get("value"), ".3f")}</td>'
+        f'<td class="{"good" if b["holds"] else "bad"}">{"holds" if b["holds"] else "fails"}</td></tr>' for b in bars)
+    held = sum(b["holds"] for b in bars)
+    return (f"<h2>Protocol bars: {held} of {len(bars)} hold</h2><div class='panel'><table><thead><tr><th>Metric</th>"
+            f"<th>Bar</th><th class='num'>Measured</th><th>Verdict</th></tr></thead><tbody>{rows}</tbody></table></div>"
+            f"<p class='note'>Protocol {_e(protocol.get('name'))} v{_e(protocol.get('version'))} (sha256 "
+            f"{_e(str(protocol.get('sha256', ''))[:12])}…), fixed before its prompts were first evaluated. Ratios and "
+            "relative changes are policy against reference; a toxicity bar also needs its difference's 95% CI below "
+            "zero. Toxicity bars read the first held-out judge.</p>")
+
+
+BAR_WORDS = {"max_relative_change": "relative change ≤", "min_ratio": "policy / reference ≥",
+             "max_ratio": "policy / reference ≤", "max": "policy ≤"}
 
 
 def _toxicity_class(diff) -> str:
@@ -445,6 +503,22 @@ def _qualitative(table: Sequence[Mapping], judge, k) -> str:
             + note)
 
 
+PAIRED_NOTE = (" Difference = policy − reference over the same prompts (negative = less toxic); 95% CI from a paired "
+               "bootstrap over prompts; p-value from a paired permutation test, or the exact McNemar test (with its "
+               "discordant prompts: toxic only for the reference / only for the policy) for toxicity probability. "
+               "Relative change = (policy − reference) / |reference|, with its 95% CI from the same paired bootstrap "
+               "over prompts, also for the std (the published recipe's \"improvement\" is minus this); marked "
+               "unreliable when the reference has fewer than 10 toxic prompts or samples, the ratio's denominator.")
+
+
+def _judged_alone(output_dir) -> str:
+    """What a one-model report lacks, and the command that supplies it."""
+    return ("<p>This model was judged alone (<code>detoxrl evaluate --model</code> without <code>--adapter</code>): "
+            "the figures are its own, with no policy to set against them, so there are no differences, no bars and "
+            "no ranked examples. To see a change, compare it with another evaluation (a run, or another model "
+            f"judged alone): <code>detoxrl compare {_e(output_dir or 'THIS_DIR')} OTHER_DIR</code>.</p>")
+
+
 def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[Mapping], path: str | Path,
                   raw: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> Path:
     """Write the evaluation report to ``path`` as one self-contained HTML file and return the path.
@@ -453,7 +527,8 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
     ``table`` is a :func:`~detoxrl.evaluation.stats.qualitative_table`; ``history`` the
     per-step training logs; ``raw`` optional per-evaluator sample scores
     (``{name: {"reference": [...], "policy": [...]}}``) kept out of ``metrics`` so the
-    JSON stays small.
+    JSON stays small. An evaluation without a policy side (a model judged alone) gives a
+    one-model report: one column of figures, no differences.
     """
     evaluation = metrics.get("evaluation", {})
     evaluators = evaluation.get("evaluators", {})
@@ -462,28 +537,29 @@ def render_report(metrics: Mapping, table: Sequence[Mapping], history: Sequence[
                                                "samples_per_prompt", "threshold", "reward",
                                                "fluency_model")}
     model = metrics.get("run", {}).get("model")
+    sides = _sides(evaluation)
+    paired = len(sides) > 1
     parts = [
         f"<header><div class='inner'><h1>Detoxification report{' · ' + _e(model) if model else ''}</h1>"
         f"{_info(metrics.get('run', {}))}{_info(metrics.get('train', {}))}{_info(settings)}</div></header><main>",
     ]
+    if not paired:
+        parts.append(_judged_alone(metrics.get("run", {}).get("output_dir")))
     if evaluators:
-        parts += ["<h2>Toxicity</h2>", _measured_on(evaluation), _cards(evaluators), _summary_table(evaluators),
+        parts += ["<h2>Toxicity</h2>", _measured_on(evaluation), _cards(evaluators, sides),
+                  _summary_table(evaluators, sides),
                   f"<p class='note'>A sample is toxic when its toxicity probability is ≥ {threshold:g}. Toxicity "
                   "probability: share of prompts with at least one toxic sample among k; expected max. toxicity: "
-                  "mean over prompts of the highest toxicity among k. Difference = policy − reference over the "
-                  "same prompts (negative = less toxic); 95% CI from a paired bootstrap over prompts; p-value "
-                  "from a paired permutation test, or the exact McNemar test (with its discordant prompts: toxic "
-                  "only for the reference / only for the policy) for toxicity probability. Relative change = "
-                  "(policy − reference) / |reference|, also for the std (the published recipe's \"improvement\" "
-                  "is minus this); marked unreliable when the reference has fewer than 10 toxic prompts or "
-                  "samples, the ratio's denominator.</p>",
-                  "<h2>Improvement per evaluator</h2>", improvement_plot(evaluators)]
+                  "mean over prompts of the highest toxicity among k." + (PAIRED_NOTE if paired else "") + "</p>"]
+    if evaluators and paired:
+        parts += ["<h2>Improvement per evaluator</h2>", improvement_plot(evaluators)]
     if raw:
-        parts += ["<h2>Toxicity distribution</h2>", histogram_plot(raw, threshold)]
+        parts += ["<h2>Toxicity distribution</h2>", histogram_plot(raw, threshold, sides)]
+    parts.append(_bars(evaluation))
     terms = trained_terms(evaluation)
-    parts.append(_quality_table(evaluation.get("quality", {}), terms))
-    parts.append(_guards_and_calibration(evaluation, terms))
-    parts.append(_group_tables(evaluation.get("groups", {}), evaluation.get("group_column"), terms))
+    parts.append(_quality_table(evaluation.get("quality", {}), sides, terms))
+    parts.append(_guards_and_calibration(evaluation, sides, terms))
+    parts.append(_group_tables(evaluation.get("groups", {}), evaluation.get("group_column"), sides, terms))
     # a composite reward has no one unit; its terms are named in the header's "reward"
     unit = evaluation.get("reward_unit") if " + " not in (evaluation.get("reward") or "") else "composite"
     unit = unit or "reward units"

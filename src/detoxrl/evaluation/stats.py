@@ -67,6 +67,30 @@ def paired_bootstrap_ci(reference, policy, n_resamples: int = 10000, seed: int =
     return _json_float(result.confidence_interval.low), _json_float(result.confidence_interval.high)
 
 
+def paired_bootstrap_relative_ci(reference, policy, n_resamples: int = 10000, seed: int = 0,
+                                 level: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile bootstrap CI of mean(policy) / mean(reference) - 1, resampling pairs (prompts).
+
+    None when a resample's reference mean can be zero too often to trust the interval (more than 1% of the
+    resamples): the relative change is then undefined on too many of them.
+    """
+    x, y = np.asarray(reference, dtype=float), np.asarray(policy, dtype=float)
+    if x.size < 2 or x.mean() == 0:
+        return None, None
+    rng, changes = np.random.default_rng(seed), []
+    for start in range(0, n_resamples, _batch(n_resamples, x.size)):
+        index = rng.integers(0, x.size, size=(min(_batch(n_resamples, x.size), n_resamples - start), x.size))
+        before = x[index].mean(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            changes.append(np.where(before > 0, y[index].mean(axis=1) / before - 1, np.nan))
+    changes = np.concatenate(changes)
+    if np.isnan(changes).mean() > 0.01:
+        return None, None
+    tail = (1 - level) / 2 * 100
+    low, high = np.nanpercentile(changes, [tail, 100 - tail])
+    return _json_float(low), _json_float(high)
+
+
 def paired_permutation_p_value(reference, policy, n_resamples: int = 10000, seed: int = 0) -> float | None:
     """Two-sided paired permutation test of "mean(policy) - mean(reference) is zero".
 
@@ -208,8 +232,11 @@ def toxicity_summary(before, after, threshold: float = 0.5, n_resamples: int = 1
             floor = None if 2 ** len(per_b[metric]) <= n_resamples else 2 / (n_resamples + 1)
             difference[metric].update(test="paired permutation", p_value=None if p is None else _json_float(p),
                                       p_floor=floor)
-    return {"reference": reference, "policy": policy, "difference": difference,
-            "relative_change": relative_change(reference, policy)}
+    relative = relative_change(reference, policy)
+    for i, metric in enumerate(METRICS):
+        low, high = paired_bootstrap_relative_ci(per_b[metric], per_a[metric], n_resamples, seed + 20 + i)
+        relative[metric].update(ci_low=low, ci_high=high)
+    return {"reference": reference, "policy": policy, "difference": difference, "relative_change": relative}
 
 
 def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:

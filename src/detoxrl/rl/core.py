@@ -44,46 +44,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = no_reduc
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log pi(a_t | s_t) of the taken tokens: [B, T, V], [B, T] -> [B, T].
-
-    logit[a] - logsumexp(logits) never materialises a [B, T, V] log-softmax.
-    """
-    logits = logits.float()
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """-sum p log p; tokens banned with -inf logits (min_new_tokens) contribute 0, not NaN."""
-    p = torch.softmax(logits.float(), dim=-1)
-    return -torch.special.xlogy(p, p).sum(-1)
-
-
 def response_mask(tokens: torch.Tensor, eos_token_id: int | list[int], pad_token_id: int) -> torch.Tensor:
     """1 up to and including the first EOS, 0 after it (generate pads finished rows)."""
     eos_ids = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
     is_eos = torch.isin(tokens, eos_ids.to(tokens.device))
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
     return (~after_eos).float()
-
-
-def sampling_logits(
-    logits: torch.Tensor, temperature: float, min_new_tokens: int, eos_token_ids: list[int]
-) -> torch.Tensor:
-    """The logits of the distribution that generation actually sampled from.
-
-    Generation divides by the temperature and bans EOS before ``min_new_tokens``; scoring the
-    responses under the raw logits instead is what made the old stack report negative KL.
-    Applied identically to policy and reference, so their KL stays a true KL. At temperature 1
-    without a minimum length the fp32 input is returned as is (no [B, T, V] copy).
-    """
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if min_new_tokens > 0:
-        logits = logits.clone()
-        logits[:, :min_new_tokens, eos_token_ids] = float("-inf")
-    return logits
 
 
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

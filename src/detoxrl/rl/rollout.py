@@ -18,7 +18,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from ..config import GenerationConfig
 from ..errors import DetoxError
 from ..policy import Policy, ValueHead, encode_prompts, forward_response
-from .core import logprobs_from_logits, response_mask, sampling_logits
+from .core import response_mask
+from .logprobs import score_tokens
 
 
 @dataclass
@@ -187,23 +188,23 @@ def reference_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi_ref of the sampled tokens, under the same sampling transform as the policy.
 
-    Computed in chunks of ``chunk_size`` rows so that only a chunk's [rows, T, V] logits are alive.
-    ``with_model_logprobs`` also returns log pi_ref at temperature 1 from the same pass (evaluation's
-    perplexity of the responses under the reference).
+    Computed in chunks of ``chunk_size`` rows; the log-probs come from the LM head in chunks of positions
+    (:func:`~detoxrl.rl.logprobs.score_tokens`), so no [rows, T, V] logits exist. ``with_model_logprobs``
+    also returns log pi_ref at temperature 1 from the same pass (evaluation's perplexity of the responses
+    under the reference).
     """
     chunks, model_chunks = [], []
     with policy.reference_model() as reference:
         for start in range(0, len(rollout.responses), chunk_size):
             rows = slice(start, start + chunk_size)
-            raw = forward_response(
-                reference, rollout.query_ids[rows], rollout.query_mask[rows], rollout.response_ids[rows]
-            ).logits
-            logits = sampling_logits(raw, config.temperature, config.min_new_tokens, policy.eos_token_ids)
-            chunks.append(logprobs_from_logits(logits, rollout.response_ids[rows]))
-            if with_model_logprobs:
-                model_chunks.append(logprobs_from_logits(raw, rollout.response_ids[rows]))
-    logprobs = torch.cat(chunks) * rollout.mask
-    return (logprobs, torch.cat(model_chunks) * rollout.mask) if with_model_logprobs else logprobs
+            out = forward_response(reference, rollout.query_ids[rows], rollout.query_mask[rows],
+                                   rollout.response_ids[rows])
+            scores = score_tokens(out.hidden, out.head, rollout.response_ids[rows], rollout.mask[rows],
+                                  config.temperature, config.min_new_tokens, policy.eos_token_ids)
+            chunks.append(scores.logprobs)
+            model_chunks.append(scores.model_logprobs)
+    logprobs = torch.cat(chunks)
+    return (logprobs, torch.cat(model_chunks)) if with_model_logprobs else logprobs
 
 
 @torch.no_grad()
@@ -231,13 +232,13 @@ def rollout_from_responses(
         response_ids[row, : len(tokens)] = torch.tensor(tokens, device=device)
     mask = response_mask(response_ids, eos, tokenizer.pad_token_id).to(device)
     out = forward_response(module.model, query["input_ids"], query["attention_mask"], response_ids, module.value_head)
-    logits = sampling_logits(out.logits, config.temperature, config.min_new_tokens, eos)
+    scores = score_tokens(out.hidden, out.head, response_ids, mask, config.temperature, config.min_new_tokens, eos)
     return Rollout(
         query_ids=query["input_ids"],
         query_mask=query["attention_mask"],
         response_ids=response_ids,
         mask=mask,
-        logprobs=logprobs_from_logits(logits, response_ids) * mask,
+        logprobs=scores.logprobs,
         values=out.values.float() * mask if out.values is not None else None,
         responses=[r.strip() for r in responses],
     )

@@ -29,8 +29,8 @@ from ..rewards.composite import Reward, term_log_key
 from ..rundir import RunDir
 from . import checkpoint
 from .algorithms import LossBatch, algorithm_class
-from .core import AdaptiveKLController, FixedKLController, entropy_from_logits, logprobs_from_logits, loss_divisors
-from .core import masked_mean, sampling_logits, sequence_kl
+from .core import AdaptiveKLController, FixedKLController, loss_divisors, masked_mean, sequence_kl
+from .logprobs import score_tokens
 from .rollout import Rollout, generate, reference_logprobs, rollout_from_responses, sample_seeds
 
 logger = logging.getLogger(__name__)
@@ -305,11 +305,11 @@ class RLTrainer:
         T = mb.response_ids.shape[1]
         with self.accelerator.accumulate(self.module), self.accelerator.autocast():
             out = self.module(mb.query_ids, mb.query_mask, mb.response_ids)
-            logits = sampling_logits(out.logits, g.temperature, g.min_new_tokens, self.policy.eos_token_ids)
-            logprobs = logprobs_from_logits(logits, mb.response_ids)
+            scores = score_tokens(out.hidden, out.head, mb.response_ids, mb.mask, g.temperature, g.min_new_tokens,
+                                  self.policy.eos_token_ids)
             values = out.values.float() if out.values is not None else None
             loss, stats = self.algorithm.loss(LossBatch(
-                logprobs=logprobs, values=values, rollout=mb, advantages=advantages[index, :T],
+                logprobs=scores.logprobs, values=values, rollout=mb, advantages=advantages[index, :T],
                 returns=returns[index, :T] if returns is not None else None, divisors=divisors, kl_coef=kl_coef,
             ))
             self.check_finite(loss, stats)
@@ -319,8 +319,7 @@ class RLTrainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
-        with torch.no_grad():
-            stats["objective/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mb.mask)
+        stats["objective/entropy"] = masked_mean(scores.entropy, mb.mask)
         return stats
 
     def check_finite(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
