@@ -11,7 +11,7 @@ import torch
 from detoxrl.config import build_config, parse_row_filter
 from detoxrl.data import build_splits
 from detoxrl.errors import DetoxError
-from detoxrl.sampling import NucleusSampler
+from detoxrl.rl.rollout import SeededSampler
 from tiny import RTP_PROMPTS, save_tiny_classifier, save_tiny_gpt_neo, write_rtp_jsonl, write_yaml
 
 TOXIC = [text for text, toxicity, _ in RTP_PROMPTS if toxicity is not None and toxicity > 0.3]
@@ -123,7 +123,7 @@ def test_preset_settings_load_offline(run_cli, monkeypatch):
 def test_nucleus_sampler_draws_from_the_nucleus_and_records_both_distributions():
     # probabilities 0.5, 0.3, 0.15, 0.05 at temperature 1: the 0.9-nucleus is the first three tokens
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
-    sampler = NucleusSampler(list(range(400)), 1.0, 0.9, torch.device("cpu"), record_model_logprobs=True)
+    sampler = SeededSampler(list(range(400)), 1.0, torch.device("cpu"), record_model_logprobs=True, top_p=0.9)
     chosen = sampler(torch.zeros(400, 1, dtype=torch.long), scores.clone()).argmax(dim=-1)
     assert set(chosen.tolist()) == {0, 1, 2}
     assert abs((chosen == 0).float().mean().item() - 0.5 / 0.95) < 0.08

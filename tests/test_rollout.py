@@ -56,3 +56,16 @@ def test_evaluation_samples_are_keyed_by_prompt_and_index(tmp_path):
     assert len(set(three)) > 1  # the samples differ: equal draws below are the same seeds, not a constant model
     assert two[:2] == three[3:5] and two[2:] == three[:2]
     assert len(set(keyed_seeds(0, 1, [a, b], 3))) == 6 and keyed_seeds(0, 1, [a], 1) != keyed_seeds(1, 1, [a], 1)
+
+
+def test_generate_samples_the_nucleus_its_config_asks_for(tiny_llama):
+    """Evaluation's top_p reaches the sampler: a nucleus of one token is greedy whatever the seeds, and the
+    log-probs recorded are of that truncated distribution (0), the model's own ones of the full one."""
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_llama)))
+    settings = GenerationConfig(max_new_tokens=6, top_p=1e-6)
+    prompts = ["the meeting about work", "school talk"]
+    one = generate(policy, policy.model, prompts, settings, 64, [1, 2], record_model_logprobs=True)
+    other = generate(policy, policy.model, prompts, settings, 64, [3, 4])
+    assert one.response_ids.tolist() == other.response_ids.tolist()
+    assert torch.equal(one.logprobs, torch.zeros_like(one.logprobs))
+    assert (one.model_logprobs[one.mask.bool()] < 0).all()

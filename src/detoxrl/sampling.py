@@ -2,10 +2,9 @@
 
 The seeded sampler itself is :func:`detoxrl.rl.rollout.generate` (one seed per response, so a
 response does not depend on the batch it is in; prompts shared across their k samples; log-probs
-from the distribution that sampled). Here: the modes it runs in (no dropout; LoRA folded into fp32
-base weights for speed), batching, the seed streams that keep each command's samples apart, greedy
-decoding, and the nucleus sampling that only evaluation may use (``eval.top_p``): training samples
-the full distribution, whose log-probs PPO's ratio and the KL need.
+from the distribution that sampled; the nucleus when ``top_p`` < 1, which only evaluation may ask
+for with ``eval.top_p``). Here: the modes it runs in (no dropout; LoRA folded into fp32 base weights
+for speed), batching, the seed streams that keep each command's samples apart, and greedy decoding.
 """
 
 from __future__ import annotations
@@ -16,12 +15,10 @@ import hashlib
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from .config import Config, GenerationConfig
-from .policy import Policy, encode_prompts
-from .rl.core import response_mask
-from .rl.rollout import Rollout, SeededSampler, generate, hf_generation_config, model_generation_defaults
+from .policy import Policy
+from .rl.rollout import Rollout, generate, hf_generation_config
 
 # Seed streams: training uses its step number, so these keep evaluation's and generate's samples apart.
 EVAL_STREAM = 1_000_003
@@ -75,65 +72,18 @@ def sample(policy: Policy, model: torch.nn.Module, prompts: list[str], config: C
     ``eval.batch_size``), seeded by (``config.seed``, ``stream``, prompt, sample index): :func:`keyed_seeds`.
 
     ``generation`` is what to sample with: training's ``config.generation`` unless given (evaluation gives
-    :meth:`~detoxrl.config.EvalConfig.sampling`); below ``top_p`` 1 the nucleus is sampled
-    (:func:`nucleus_generate`). Sample j of a prompt gets the same seed whichever model draws it: a paired
-    comparison with common randomness, and fixed seeds across calls for learning curves.
+    :meth:`~detoxrl.config.EvalConfig.sampling`), whose ``top_p`` below 1 samples the nucleus. Sample j of a
+    prompt gets the same seed whichever model draws it: a paired comparison with common randomness, and fixed
+    seeds across calls for learning curves.
     """
     batch_size = batch_size or config.eval.batch_size
     generation = generation or config.generation
-    draw = generate if generation.top_p >= 1 else nucleus_generate
     expanded = [p for p in prompts for _ in range(samples)]
     seeds = keyed_seeds(config.seed, stream, prompts, samples)
-    return [draw(policy, model, expanded[i : i + batch_size], generation, config.data.max_prompt_tokens,
-                 seeds[i : i + batch_size], record_model_logprobs=record_model_logprobs)
+    return [generate(policy, model, expanded[i : i + batch_size], generation, config.data.max_prompt_tokens,
+                     seeds[i : i + batch_size], record_model_logprobs=record_model_logprobs)
             for i in tqdm(range(0, len(expanded), batch_size), desc=desc, unit="batch", leave=False,
                           disable=desc is None)]
-
-
-class NucleusSampler(LogitsProcessor):
-    """The seeded sampler over the nucleus: the fewest most likely tokens whose probability at the sampling
-    temperature reaches ``top_p`` (transformers' ``TopPLogitsWarper``), renormalised, then drawn with
-    :class:`~detoxrl.rl.rollout.SeededSampler`'s per-sample generators.
-
-    ``logprobs`` are of that truncated distribution; ``model_logprobs`` (log p at temperature 1 of the
-    untruncated model) are taken before the cut, so perplexity under the model stays what it is.
-    """
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device,
-                 record_model_logprobs: bool = False):
-        self.temperature, self.nucleus = temperature, TopPLogitsWarper(top_p)
-        self.draw = SeededSampler(seeds, 1.0, device)
-        self.logprobs = self.draw.logprobs
-        self.model_logprobs: list[torch.Tensor] | None = [] if record_model_logprobs else None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        noisy = self.draw(input_ids, self.nucleus(input_ids, scores.float() / self.temperature))
-        if self.model_logprobs is not None:
-            chosen = noisy.argmax(dim=-1, keepdim=True)
-            self.model_logprobs.append(torch.log_softmax(scores.float(), dim=-1).gather(-1, chosen).squeeze(-1))
-        return noisy
-
-
-@torch.no_grad()
-def nucleus_generate(policy: Policy, model: torch.nn.Module, prompts: list[str], generation: GenerationConfig,
-                     max_prompt_tokens: int, seeds: list[int], record_model_logprobs: bool = False) -> Rollout:
-    """:func:`~detoxrl.rl.rollout.generate` with :class:`NucleusSampler` in place of the full-distribution
-    sampler: one response per prompt, in one batch, for evaluation only (no values)."""
-    device = next(model.parameters()).device
-    query = policy.tokenize_prompts(prompts, max_prompt_tokens, device)
-    sampler = NucleusSampler(seeds, generation.temperature, generation.top_p, device, record_model_logprobs)
-    settings = hf_generation_config(generation, policy, False)
-    with model_generation_defaults(model, settings):
-        out = model.generate(**query, **encode_prompts(model, query["input_ids"], query["attention_mask"]),
-                             generation_config=settings, logits_processor=LogitsProcessorList([sampler]))
-    start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
-    response_ids = out.sequences[:, start:]
-    mask = response_mask(response_ids, policy.eos_token_ids, policy.tokenizer.pad_token_id).to(device)
-    texts = policy.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    return Rollout(query_ids=query["input_ids"], query_mask=query["attention_mask"], response_ids=response_ids,
-                   mask=mask, logprobs=torch.stack(sampler.logprobs, dim=1) * mask, values=None,
-                   responses=[t.strip() for t in texts],
-                   model_logprobs=torch.stack(sampler.model_logprobs, dim=1) * mask if record_model_logprobs else None)
 
 
 def describe_sampling(config: Config) -> dict:

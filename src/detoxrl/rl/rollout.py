@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import GenerationConfig as HFGenerationConfig
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from ..config import GenerationConfig
 from ..errors import DetoxError
@@ -64,18 +64,26 @@ class SeededSampler(LogitsProcessor):
     lands in, so a run gives the same rollouts on 1 or N processes and after a resume. It also
     records log pi(a_t) of the chosen tokens under the distribution that sampled them (after
     the min_new_tokens ban and the temperature), so no second forward pass is needed.
+
+    ``top_p`` < 1 samples the nucleus instead: the fewest most likely tokens whose probability
+    reaches ``top_p`` (transformers' ``TopPLogitsWarper``), renormalised, and the recorded log-probs
+    are of that truncated distribution. Only evaluation may ask for it: PPO's ratio and the KL need
+    the full distribution, so ``Config.validate`` keeps ``generation.top_p`` at 1.
     """
 
-    def __init__(self, seeds: list[int], temperature: float, device: torch.device, record_model_logprobs: bool = False):
+    def __init__(self, seeds: list[int], temperature: float, device: torch.device, record_model_logprobs: bool = False,
+                 top_p: float = 1.0):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.temperature = temperature
+        self.nucleus = TopPLogitsWarper(top_p) if top_p < 1 else None
         self.logprobs: list[torch.Tensor] = []
-        # Also log p of the chosen token at temperature 1: the model's own perplexity of what it wrote,
-        # for evaluation, without a second pass over the responses.
+        # Also log p of the chosen token at temperature 1 and untruncated: the model's own perplexity of
+        # what it wrote, for evaluation, without a second pass over the responses.
         self.model_logprobs: list[torch.Tensor] | None = [] if record_model_logprobs else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        scaled = scores.float() / self.temperature
+        logp = torch.log_softmax(scaled if self.nucleus is None else self.nucleus(input_ids, scaled), dim=-1)
         uniform = torch.stack(
             [torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in self.generators]
         ).clamp_(min=1e-20)
@@ -148,12 +156,15 @@ def generate(
 ) -> Rollout:
     """Sample one response per prompt, in one batch, with the log-probs (and values) of each token.
 
+    ``config`` picks the distribution: its temperature, and its top_p for the nucleus
+    (:class:`SeededSampler`; below 1 in evaluation only).
+
     ``synced_gpus`` keeps every process stepping until all are done, which sharded weights
     (DeepSpeed ZeRO-3, FSDP) need because each forward pass gathers them collectively.
     """
     device = next(model.parameters()).device
     query = policy.tokenize_prompts(prompts, max_prompt_tokens, device)
-    sampler = SeededSampler(seeds, config.temperature, device, record_model_logprobs)
+    sampler = SeededSampler(seeds, config.temperature, device, record_model_logprobs, config.top_p)
     settings = hf_generation_config(config, policy, value_head is not None)
     with model_generation_defaults(model, settings):
         out = model.generate(
