@@ -30,8 +30,8 @@ def card_of(tmp_path, config, metrics) -> str:
 
 def test_card_states_the_composite_reward_of_the_saved_config(tmp_path):
     text = card_of(tmp_path, build_config("smollm2-offline"), {})
-    assert ("- Reward: profanity-check (log-odds of non-toxic) + 10 x ROUGE-L against the reference summary "
-            "+ 5 x bigram novelty\n") in text
+    assert ("- Reward: profanity-check (log-odds of non-toxic) + 5 x ROUGE-L against the reference summary "
+            "+ 15 x bigram novelty\n") in text
 
 
 @pytest.mark.parametrize("overrides, expected", [
