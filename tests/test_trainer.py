@@ -179,7 +179,8 @@ def recorded_update(trainer: RLTrainer) -> tuple[list[torch.Tensor], dict[str, t
 def test_gradient_accumulation_gives_the_update_of_the_whole_mini_batch(algorithm, normalization, tiny_t5, tmp_path):
     """Mini-batches of 4 in 2 accumulated micro-batches of 2 update as mini-batches of 4 at once. The gradients are
     compared unclipped, as Adam and clipping would hide a wrong scale (not a wrong weighting of tokens); the small
-    learning rate keeps Adam's amplified rounding in barely-moved coordinates under the weights' 1e-6."""
+    learning rate keeps Adam's amplified rounding in barely-moved coordinates under the weights' 5e-6 (1.4e-6 seen
+    with AVX2 kernels, where the chunked log-probs sum in another order)."""
     settings = {"rl.algorithm": algorithm, "rl.samples_per_prompt": 1 if algorithm == "ppo" else 2,
                 "rl.loss_normalization": normalization, "rl.learning_rate": 0.001, "rl.max_grad_norm": 1e9}
     whole = recorded_update(make_trainer(tiny_t5, tmp_path / "whole", **settings))
@@ -189,7 +190,7 @@ def test_gradient_accumulation_gives_the_update_of_the_whole_mini_batch(algorith
     for a, b in zip(split[0], whole[0]):
         assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
     for name, weight in whole[1].items():
-        torch.testing.assert_close(split[1][name], weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(split[1][name], weight, atol=5e-6, rtol=0)
 
 
 def test_a_non_finite_loss_stops_before_the_optimiser_step(tiny_t5, tmp_path):
