@@ -24,7 +24,7 @@ from ..rl.logprobs import score_tokens
 from ..rl.rollout import Rollout, reference_logprobs
 from ..sampling import describe_sampling, eval_mode, inference_weights, sample, texts_of
 from .guards import GUARDS, calibration_texts, guard_flags, guard_metrics, per_prompt
-from .protocol import bar_verdicts, load_protocol
+from .protocol import Protocol, bar_verdicts, load_protocol
 from ..rundir import RunDir, atomic_write_text, finite_or_none
 from .report import render_report
 from .stats import (
@@ -400,8 +400,9 @@ def evaluate_policy(
         lines.append(json.dumps(row) + "\n")
     atomic_write_text(out.responses, "".join(lines))
 
+    protocol = load_protocol(e.protocol) if e.protocol and not dataset else None
     evaluation = {
-        "protocol": protocol_info(config, dataset, n),
+        "protocol": protocol_info(config, dataset, n, protocol),
         "num_prompts": n,
         "samples_per_prompt": k,
         "threshold": e.threshold,
@@ -421,8 +422,8 @@ def evaluate_policy(
         "sampling": describe_sampling(config),
         "generation_seconds": seconds,
     }
-    if e.protocol and dataset is None and with_policy:
-        evaluation["bars"] = bar_verdicts(evaluation, load_protocol(e.protocol).bars)
+    if protocol is not None and with_policy:
+        evaluation["bars"] = bar_verdicts(evaluation, protocol.bars)
     if groups is not None:
         evaluation["group_column"] = e.group_column
         if e.toxicity_group is not None:
@@ -448,15 +449,14 @@ def run_info(config: Config) -> dict:
             "sampling": describe_sampling(config)["summary"]}
 
 
-def protocol_info(config: Config, dataset: str | None, prompts: int) -> dict:
+def protocol_info(config: Config, dataset: str | None, prompts: int, protocol: Protocol | None = None) -> dict:
     """The data and the counting rule an evaluation's figures rest on; ``compare`` refuses two different ones.
 
     Sampling settings are the run's own (a property of the model being judged), so they are not in it. With
-    ``eval.protocol`` (and no other dataset) it names the protocol file, its version and its sha256.
+    ``protocol`` (the run's ``eval.protocol``, when no other dataset is judged) it names the protocol file, its
+    version and its sha256.
     """
     e = config.eval
-    if e.protocol and not dataset:
-        return {**load_protocol(e.protocol).info(), "prompts": prompts, "samples_per_prompt": e.samples_per_prompt,
-                "threshold": e.threshold}
-    return {"dataset": dataset or f"{config.data.dataset} (test split, split_seed {config.data.split_seed})",
-            "prompts": prompts, "samples_per_prompt": e.samples_per_prompt, "threshold": e.threshold}
+    source = protocol.info() if protocol is not None else {
+        "dataset": dataset or f"{config.data.dataset} (test split, split_seed {config.data.split_seed})"}
+    return {**source, "prompts": prompts, "samples_per_prompt": e.samples_per_prompt, "threshold": e.threshold}
