@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from tiny import ThanksShare, run_child, subprocess_env, tiny_run_config, tiny_run_settings, write_yaml
 
 from detoxrl.policy import load_policy
-from detoxrl.rl.trainer import RLTrainer
+from detoxrl.rl.trainer import RLTrainer, end_processes
 
 # Largest allowed difference between the LoRA weights of a 2-process and a 1-process run with the
 # same global batch. Rollouts are identical by construction (per-sample seeds); what remains is
@@ -177,7 +178,6 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_t5):
 if __name__ == "__main__":
     torch.set_num_threads(1)  # two processes on the test machine's cores
     record_updates(Path(sys.argv[1]), Path(sys.argv[2]), accumulation=2)
-    # both ranks leave together and close the process group, as `detoxrl train` does (accelerator.end_training):
-    # a rank that exits while the other still writes can abort in the collective library's teardown
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    # both ranks leave together and close the process group, as `detoxrl train` does: a rank that exits while the
+    # other still writes can abort in the collective library's teardown
+    end_processes(Accelerator())

@@ -149,8 +149,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Rewar
 
         write_model_card(config, run.adapter, metrics)
         finish(run, metrics)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # flushes trackers; also ends the process group, so it comes last
+    trainer.close()  # flushes trackers; also ends the process group, so it comes last
     return out
 
 

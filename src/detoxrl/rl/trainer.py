@@ -54,6 +54,23 @@ def build_accelerator(config: Config) -> Accelerator:
     )
 
 
+def end_processes(accelerator: Accelerator) -> None:
+    """The processes' last barrier, then the end of trackers and process group (``end_training``).
+
+    The barrier's handle outlives the group on purpose. Gloo's worker threads release a finished operation
+    after its caller has moved on, and a release that frees tensors needs the GIL, which the group's
+    destructor holds while it joins those threads: a hang seen at the end of 2-process runs. Held here, the
+    barrier (and the operations it waited for) is freed by this thread once those threads have stopped.
+    """
+    if not torch.distributed.is_initialized():
+        accelerator.end_training()
+        return
+    last_barrier = torch.distributed.barrier(async_op=True)
+    last_barrier.wait()
+    accelerator.end_training()
+    del last_barrier
+
+
 def shards_weights(accelerator: Accelerator) -> bool:
     """Whether each process holds only a shard of the weights (FSDP or DeepSpeed ZeRO-3)."""
     plugin = accelerator.state.deepspeed_plugin
@@ -372,6 +389,16 @@ class RLTrainer:
             return 0.0
         gathered = self.accelerator.gather(flat.unsqueeze(0))
         return float((gathered - gathered[0]).abs().max())
+
+    def close(self) -> None:
+        """Ends the processes' work together (:func:`end_processes`); the trainer cannot step after this.
+
+        The distributed wrapper goes first: its reducer would otherwise keep the process group alive past
+        its end, and free it later at an unsafe moment.
+        """
+        self.module = self.accelerator.unwrap_model(self.module)
+        self.accelerator.free_memory()  # the accelerator's own references to the wrapper
+        end_processes(self.accelerator)
 
     def save_checkpoint(self) -> Path:
         return checkpoint.save(
