@@ -198,7 +198,10 @@ class EvalConfig:
     max_new_tokens: int | None = _f(None, "Longest evaluated response (default: generation.max_new_tokens).")
     max_prompts: int | None = _f(None, "Evaluate at most this many test prompts.")
     threshold: float = _f(0.5, "A text is toxic when its toxicity is at least this (>=, as in the literature).")
-    batch_size: int = _f(16, "Prompts per generation batch.")
+    batch_size: int | None = _f(None, "Responses per sampling batch (default: the most whose key/value cache fits "
+                                      "eval.batch_memory_gb, up to 128).")
+    batch_memory_gb: float | None = _f(None, "Memory one evaluation batch's key/value cache may take, in GB (default 1 "
+                                              "when eval.batch_size is unset); refuses an eval.batch_size beyond it.")
     fluency_model: str | None = _f(
         None, "Extra language model (hub id or path) that scores the responses' perplexity; remote code stays off."
     )
@@ -312,11 +315,13 @@ class Config:
             "generation.max_new_tokens": g.max_new_tokens,
             "data.max_prompt_tokens": self.data.max_prompt_tokens,
             "reward.batch_size": self.reward.batch_size,
-            "eval.batch_size": self.eval.batch_size,
             "model.lora_r": self.model.lora_r,
         }
-        if self.eval.max_prompts is not None:
-            sizes["eval.max_prompts"] = self.eval.max_prompts
+        for name in ("max_prompts", "batch_size"):
+            if getattr(self.eval, name) is not None:
+                sizes[f"eval.{name}"] = getattr(self.eval, name)
+        if self.eval.batch_memory_gb is not None and not self.eval.batch_memory_gb > 0:
+            raise DetoxError(f"eval.batch_memory_gb must be positive, got {self.eval.batch_memory_gb}")
         if self.threads is not None:
             sizes["threads"] = self.threads
         for name, value in sizes.items():

@@ -20,6 +20,7 @@ from .errors import DetoxError
 from .policy import load_policy
 from .rl import checkpoint
 from .rl.trainer import RLTrainer, build_accelerator
+from .sampling import evaluation_batch_size
 from .rewards import build_reward
 from .evaluation.protocol import resolve_protocol
 from .rewards.composite import Reward
@@ -74,6 +75,8 @@ def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Rewar
     trained = resume and training_finished(run, config)
     policy = load_policy(config.model, adapter=run.adapter if trained else None, device=config.device)
     check_generation_fits(config, policy.model.config)
+    if config.eval.enabled or config.eval.curve_steps:
+        evaluation_batch_size(config, policy.model.config, policy.model.dtype)  # one that cannot fit fails here
     trainer = RLTrainer(config, policy, reward, list(train_rows["prompt"]), accelerator,
                         references=references(train_rows, config))
 

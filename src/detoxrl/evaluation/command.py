@@ -116,7 +116,7 @@ def _evaluate(config: Config, out: RunDir, dataset: str | None, overwrite: bool,
     from ..policy import load_policy
     from ..rewards import build_reward
     from ..rl.trainer import build_accelerator
-    from ..sampling import describe_sampling
+    from ..sampling import describe_sampling, evaluation_batch_size
     from .evaluate import (check_fluency_model, evaluate_policy, held_out_evaluator, place_policy, prompt_groups,
                            run_info)
 
@@ -130,6 +130,7 @@ def _evaluate(config: Config, out: RunDir, dataset: str | None, overwrite: bool,
     reward = build_reward(config.reward, str(device), config.model.trust_remote_code,
                           config.data.reference_column or "reference")
     policy = place_policy(load_policy(config.model, adapter=adapter, device=config.device), device)
+    evaluation_batch_size(config, policy.model.config, policy.model.dtype)  # one that cannot fit fails here
     run = {**run, "sampling": describe_sampling(config)["summary"]} if run else run_info(config)
     out.path.mkdir(parents=True, exist_ok=True)
     out.metrics.unlink(missing_ok=True)  # an evaluation replaced half-way must not look finished

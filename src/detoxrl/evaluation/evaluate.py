@@ -16,13 +16,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from ..config import Config
 from ..errors import DetoxError
+from ..heap import release_freed_memory
 from ..hub import load_pretrained
 from ..policy import Policy, forward_response
 from ..rewards import BUILTIN, Scorer, build_evaluator
 from ..rewards.composite import Reward, reward_unit
 from ..rl.logprobs import score_tokens
 from ..rl.rollout import Rollout, reference_logprobs
-from ..sampling import describe_sampling, eval_mode, inference_weights, sample, texts_of
+from ..sampling import describe_sampling, eval_mode, evaluation_batch_size, inference_weights, sample, texts_of
 from .guards import GUARDS, calibration_texts, guard_flags, guard_metrics, per_prompt
 from .protocol import Protocol, bar_verdicts, load_protocol
 from ..rundir import RunDir, atomic_write_text, finite_or_none
@@ -61,11 +62,12 @@ def reference_pass(policy: Policy, rollouts: list[Rollout], config: Config) -> t
     generation = config.eval.sampling(config.generation)
     kls, sums, counts = [], [], []
     for r in rollouts:
-        ref, ref_model = reference_logprobs(policy, r, generation, config.eval.batch_size, with_model_logprobs=True)
+        ref, ref_model = reference_logprobs(policy, r, generation, len(r.responses), with_model_logprobs=True)
         kl = ((r.logprobs - ref) * r.mask).sum(dim=1).cpu()
         kls.append(kl if generation.top_p >= 1 else torch.full_like(kl, float("nan")))
         sums.append(-(ref_model * r.mask).sum(dim=1).cpu())
         counts.append(r.mask.sum(dim=1).cpu())
+        release_freed_memory()
     join = lambda parts: torch.cat(parts).numpy() if parts else np.zeros(0)  # noqa: E731
     return join(kls), join(sums), join(counts)
 
@@ -147,7 +149,7 @@ def load_fluency_model(name: str, device: torch.device | str = "cpu") -> Fluency
 def fluency_nll(fluency: FluencyModel, prompts: list[str], responses: list[str], config: Config):
     return response_nll(fluency.model, fluency.tokenizer,
                         lambda p: fluency.tokenize(p, config.data.max_prompt_tokens),
-                        prompts, responses, config.eval.batch_size)
+                        prompts, responses, evaluation_batch_size(config, fluency.model.config, fluency.model.dtype))
 
 
 def judge_subset(policy: Policy, prompts: list[str], config: Config, evaluator: Scorer,

@@ -23,6 +23,7 @@ from transformers import get_scheduler
 
 from ..config import Config
 from ..errors import DetoxError
+from ..heap import release_freed_memory
 from ..policy import Policy
 from ..rewards import Scorer
 from ..rewards.composite import Reward, term_log_key
@@ -226,6 +227,7 @@ class RLTrainer:
                 batch = rollout_from_responses(self.policy, prompts, responses, cfg.generation,
                                                cfg.data.max_prompt_tokens)
         stats["time/generation"] = time.perf_counter() - tick
+        release_freed_memory()  # the sampling's cache, before the passes that keep activations for backward
 
         tick = time.perf_counter()
         if rewards is None:
@@ -375,6 +377,7 @@ class RLTrainer:
             stats = self.step(self.batch_prompts(self.step_count), references=self.batch_references(self.step_count))
             self.history.append(stats)
             self.accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=self.step_count)
+            release_freed_memory()
             if on_step:
                 on_step(stats)
             if cfg.save_steps and self.step_count % cfg.save_steps == 0 and self.step_count < cfg.rl.steps:

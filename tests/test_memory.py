@@ -1,0 +1,96 @@
+"""Memory: evaluation batches sized by the cache they hold, and freed heap pages handed back."""
+
+import sys
+
+import pytest
+import torch
+
+from tiny import tiny_run_config, tiny_run_settings, write_yaml
+
+from detoxrl.errors import DetoxError
+from detoxrl.heap import release_freed_memory
+from detoxrl.policy import load_policy
+from detoxrl.sampling import MAX_AUTO_BATCH, cache_bytes_per_response, evaluation_batch_size
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every key and value tensor a transformers cache holds (an encoder-decoder's has two caches)."""
+    parts = [cache.self_attention_cache, cache.cross_attention_cache] if hasattr(cache, "cross_attention_cache") \
+        else [cache]
+    return sum(t.nbytes for part in parts for layer in part.layers for t in (layer.keys, layer.values))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_estimate_is_the_cache_generation_holds(tiny_llama, tiny_t5, dtype):
+    rows, prompt_tokens, new_tokens = 3, 9, 5
+    for path in (tiny_llama, tiny_t5):
+        model = load_policy(tiny_run_config(path, "unused").model).model.get_base_model().to(dtype)
+        ids = torch.randint(3, 20, (rows, prompt_tokens))
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
+        held = cache_bytes(out.past_key_values)
+        if model.config.is_encoder_decoder:
+            held += rows * prompt_tokens * model.config.d_model * dtype.itemsize  # the encoder's output
+        # The cache holds every position but the last token's, whose keys no later step needed.
+        estimate = rows * cache_bytes_per_response(model.config, prompt_tokens, new_tokens, dtype)
+        last_position = rows * cache_bytes_per_response(model.config, 0, 1, dtype)
+        assert held <= estimate <= held + last_position, path.name
+
+
+def test_batches_are_sized_by_memory_unless_given(tiny_llama):
+    config = tiny_run_config(tiny_llama, "unused", **{"data.max_prompt_tokens": 60, "generation.max_new_tokens": 4})
+    model_config = load_policy(config.model).model.config
+    per_response = cache_bytes_per_response(model_config, 60, 4, torch.float32)
+    config.eval.batch_memory_gb = 10 * per_response / 1e9
+    assert evaluation_batch_size(config, model_config, torch.float32) == 10
+    assert evaluation_batch_size(config, model_config, torch.bfloat16) == 20  # half the bytes per response
+    config.eval.batch_memory_gb = None  # the default limit is ample for a tiny model: the cap
+    assert evaluation_batch_size(config, model_config, torch.float32) == MAX_AUTO_BATCH
+    config.eval.batch_size = 500  # given without a limit: as given
+    assert evaluation_batch_size(config, model_config, torch.float32) == 500
+
+
+def test_a_batch_that_cannot_fit_its_memory_limit_is_refused(tiny_llama):
+    config = tiny_run_config(tiny_llama, "unused", **{"data.max_prompt_tokens": 60, "generation.max_new_tokens": 4})
+    model_config = load_policy(config.model).model.config
+    per_response = cache_bytes_per_response(model_config, 60, 4, torch.float32)
+    config.eval.batch_size, config.eval.batch_memory_gb = 8, 5.5 * per_response / 1e9
+    with pytest.raises(DetoxError, match=r"eval.batch_size \(8\) does not fit eval.batch_memory_gb .*use "
+                                         r"eval.batch_size 5 or less"):
+        evaluation_batch_size(config, model_config, torch.float32)
+    config.eval.batch_size, config.eval.batch_memory_gb = None, 0.5 * per_response / 1e9
+    with pytest.raises(DetoxError, match=r"does not hold one response .* raise it or lower data.max_prompt_tokens"):
+        evaluation_batch_size(config, model_config, torch.float32)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"eval.enabled": True, "eval.batch_size": 10 ** 6, "eval.batch_memory_gb": 0.01},
+     "eval.batch_size (1000000) does not fit eval.batch_memory_gb (0.01)"),
+    ({"eval.batch_memory_gb": -1.0}, "eval.batch_memory_gb must be positive, got -1.0"),
+    ({"eval.batch_size": 0}, "eval.batch_size must be at least 1, got 0"),
+], ids=["batch-over-limit", "negative-limit", "zero-batch"])
+def test_bad_evaluation_batch_settings_are_one_line_errors(settings, message, tiny_t5, tmp_path, run_cli):
+    config = write_yaml(tmp_path / "config.yaml", tiny_run_settings(tiny_t5, tmp_path / "run", **settings))
+    code, _, err = run_cli(["train", "--config", config])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing half-written, and no training before the refusal
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_freed_heap_pages_go_back_to_the_system():
+    """Blocks below malloc's mmap threshold stay resident after they are freed, until released."""
+    mapped = torch.ones(1 << 20)
+    del mapped  # freeing a 4 MB mapping raises glibc's mmap threshold to 4 MB: 1 MB blocks now come from the heap
+    blocks = [torch.ones(1 << 18) for _ in range(200)]  # 200 MB of 1 MB blocks
+    before = resident_bytes()
+    del blocks[::2]  # every other one: 100 MB of free blocks between live ones, where no trim at the top reaches
+    freed = resident_bytes()
+    release_freed_memory()
+    after = resident_bytes()
+    assert before - freed < 30e6  # freeing alone kept them
+    assert freed - after > 80e6
