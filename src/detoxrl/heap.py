@@ -9,7 +9,6 @@ batch the process holds about a gigabyte it no longer uses, which the next phase
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 
@@ -19,8 +18,8 @@ def _malloc_trim():
     """glibc's malloc_trim, or None where the C library is another one (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    try:  # the process's own symbols: ctypes.util.find_library would fork a subprocess as large as this one
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
