@@ -48,6 +48,10 @@ def test_batches_are_sized_by_memory_unless_given(tiny_llama):
     assert evaluation_batch_size(config, model_config, torch.float32) == MAX_AUTO_BATCH
     config.eval.batch_size = 500  # given without a limit: as given
     assert evaluation_batch_size(config, model_config, torch.float32) == 500
+    config.data.max_prompt_tokens = 10 ** 9  # no response fits the default limit: one at a time, given or not
+    assert evaluation_batch_size(config, model_config, torch.float32) == 500
+    config.eval.batch_size = None
+    assert evaluation_batch_size(config, model_config, torch.float32) == 1
 
 
 def test_a_batch_that_cannot_fit_its_memory_limit_is_refused(tiny_llama):

@@ -83,20 +83,24 @@ def cache_bytes_per_response(model_config, prompt_tokens: int, new_tokens: int, 
 def evaluation_batch_size(config: Config, model_config, dtype: torch.dtype) -> int:
     """Responses per evaluation batch: ``eval.batch_size``, or the most whose cache fits ``eval.batch_memory_gb``
     (:func:`cache_bytes_per_response` at data.max_prompt_tokens + the evaluation's max_new_tokens) up to
-    ``MAX_AUTO_BATCH``. A batch size given with a memory limit it cannot fit is refused."""
+    ``MAX_AUTO_BATCH``, and at least one under the default limit. A limit that is given is kept: a batch size
+    beyond it, or a limit that holds no response, is refused."""
     e = config.eval
+    if e.batch_memory_gb is None and e.batch_size is not None:
+        return e.batch_size
     new_tokens = e.sampling(config.generation).max_new_tokens
     per_response = cache_bytes_per_response(model_config, config.data.max_prompt_tokens, new_tokens, dtype)
-    limit = (e.batch_memory_gb or DEFAULT_BATCH_MEMORY_GB) * 1e9
-    fits = int(limit // per_response)
+    fits = int((e.batch_memory_gb or DEFAULT_BATCH_MEMORY_GB) * 1e9 // per_response)
+    if e.batch_memory_gb is None:
+        return max(1, min(MAX_AUTO_BATCH, fits))
     where = (f"at {config.data.max_prompt_tokens} prompt + {new_tokens} new tokens in {str(dtype).removeprefix('torch.')}, "
              f"{per_response / 1e6:.2g} MB of cache per response")
     if fits < 1:
-        raise DetoxError(f"eval.batch_memory_gb ({limit / 1e9:g}) does not hold one response ({where}); raise it or "
-                         "lower data.max_prompt_tokens")
+        raise DetoxError(f"eval.batch_memory_gb ({e.batch_memory_gb:g}) does not hold one response ({where}); raise it "
+                         "or lower data.max_prompt_tokens")
     if e.batch_size is None:
         return min(MAX_AUTO_BATCH, fits)
-    if e.batch_memory_gb is not None and e.batch_size > fits:
+    if e.batch_size > fits:
         raise DetoxError(f"eval.batch_size ({e.batch_size}) does not fit eval.batch_memory_gb ({e.batch_memory_gb:g}) "
                          f"({where}); use eval.batch_size {fits} or less, or leave it unset to size it by memory")
     return e.batch_size
