@@ -290,6 +290,7 @@ class RLTrainer:
                 "mean the log-probs do not come from the distribution that sampled",
                 mean_kl,
             )
+        release_freed_memory()  # the step's activations and gradients, also for callers of step() itself
         stats["time/total"] = time.perf_counter() - tick
         self.step_count += 1
         stats["step"] = self.step_count
@@ -377,7 +378,6 @@ class RLTrainer:
             stats = self.step(self.batch_prompts(self.step_count), references=self.batch_references(self.step_count))
             self.history.append(stats)
             self.accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=self.step_count)
-            release_freed_memory()
             if on_step:
                 on_step(stats)
             if cfg.save_steps and self.step_count % cfg.save_steps == 0 and self.step_count < cfg.rl.steps:
