@@ -179,3 +179,19 @@ def test_generation_with_repeated_prompts_equals_one_row_at_a_time(model, reques
         assert batch.responses[row] == alone.responses[0]
         n = int(alone.mask.sum())
         torch.testing.assert_close(batch.logprobs[row, :n], alone.logprobs[0, :n], rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_cache_comes_from_the_decoder_body(tiny_llama):
+    """The shared prompts' cache is computed without the LM head: the head runs once per generated token on the
+    batch's rows, never on the prompts (its input there, the last position's strided slice, makes CPU bf16
+    matmuls compute about every prompt position's logits)."""
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_llama)))
+    head = policy.model.get_output_embeddings()
+    calls = []
+    handle = head.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        generate(policy, policy.model, [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2,
+                 GenerationConfig(max_new_tokens=5, min_new_tokens=5), 64, [1, 2, 3, 4])
+    finally:
+        handle.remove()
+    assert calls == [(4, 1, head.in_features)] * 5
