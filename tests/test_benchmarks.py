@@ -31,3 +31,27 @@ def test_help_exits_0(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=subprocess_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr[-2000:]
+
+
+def test_the_flop_count_covers_every_pass(tmp_path):
+    """``--count-flops`` on the quick causal setting: at least the linear layers' forward work of sampling, the
+    reference pass and the training pass, and the backward of the last (8 x parameters x tokens), and not more
+    than three times that with the LM head counted on every token."""
+    import json
+
+    from safetensors.torch import load_file
+
+    sides, model = ROOT / "benchmarks" / "sides", tmp_path / "model"
+    run = dict(cwd=sides, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    prepared = subprocess.run([sys.executable, "_common.py", "prepare", "--setting", "causal", "--quick",
+                               "--out", str(model)], **run)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    result = subprocess.run([sys.executable, "detoxrl_side.py", "--setting", "causal", "--quick", "--model-dir",
+                             str(model), "--count-flops"], **run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    flops = json.loads(result.stdout.strip().splitlines()[-1])["extra"]["warmup_iteration_flops"]
+    weights = load_file(model / "model.safetensors")
+    body = sum(w.numel() for name, w in weights.items() if w.dim() == 2 and "embed" not in name)
+    head = next(w.numel() for name, w in weights.items() if "embed" in name)
+    tokens = 4 * (16 + 8)  # batch x (prompt + response), benchmarks/sides/_common.py SIZES["quick"]
+    assert 8 * body * tokens <= flops <= 3 * 8 * (body + head) * tokens, (flops, body, head)

@@ -28,6 +28,9 @@ def options(parser) -> None:
     parser.add_argument("--device", default="cpu", help="the device setting (cpu, cuda)")
     parser.add_argument("--dtype", default="float32", help="model.dtype")
     parser.add_argument("--algorithm", default="ppo", choices=["ppo", "rloo"])
+    parser.add_argument("--count-flops", action="store_true",
+                        help="count the floating-point operations of the (untimed) warm-up iteration: "
+                             "torch's FlopCounterMode, matrix products and attention, forward and backward")
 
 
 def main() -> None:
@@ -105,13 +108,22 @@ def main() -> None:
         }
 
     for w in range(args.warmup):
-        iteration(-1 - w)
+        if args.count_flops and w == 0:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                iteration(-1)
+            flops = counter.get_total_flops()
+        else:
+            iteration(-1 - w)
     peak_after_warmup = common.peak_rss_mb()
     results = [iteration(i) for i in range(args.iterations)]
     # Where the peak lies: loading, then the first (warm-up) iteration, then the timed ones.
     extra = {"device": args.device, "dtype": args.dtype, "algorithm": args.algorithm,
              "peak_rss_after_load_mb": round(peak_after_load, 1),
              "peak_rss_after_warmup_mb": round(peak_after_warmup, 1)}
+    if args.count_flops:
+        extra["warmup_iteration_flops"] = flops
     if args.device.startswith("cuda"):
         import torch
 

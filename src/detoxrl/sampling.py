@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .config import Config, GenerationConfig
 from .errors import DetoxError
 from .heap import release_freed_memory
-from .policy import Policy
+from .policy import Policy, encode_prompts
 from .rl.rollout import Rollout, generate, hf_generation_config
 
 # Seed streams: training uses its step number, so these keep evaluation's and generate's samples apart.
@@ -172,7 +172,8 @@ def greedy(policy: Policy, model: torch.nn.Module, prompts: list[str], config: C
     for i in range(0, len(prompts), batch_size):
         query = policy.tokenize_prompts(prompts[i : i + batch_size], config.data.max_prompt_tokens,
                                         next(model.parameters()).device)
-        out = model.generate(**query, generation_config=hf_generation_config(config.generation, policy, False))
+        out = model.generate(**query, **encode_prompts(model, query["input_ids"], query["attention_mask"]),
+                             generation_config=hf_generation_config(config.generation, policy, False))
         start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
         texts += [t.strip() for t in policy.tokenizer.batch_decode(out.sequences[:, start:], skip_special_tokens=True)]
     return texts
