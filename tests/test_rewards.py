@@ -28,6 +28,7 @@ from detoxrl.rewards import (
     reward_from_probability,
 )
 from detoxrl.rewards.composite import Reward
+from detoxrl.rewards.fidelity import rouge_l
 from detoxrl.rewards.novelty import bigram_novelty
 from tiny import save_tiny_classifier
 
@@ -392,6 +393,37 @@ def test_fidelity_and_novelty_weights_must_be_finite():
     for name in ("fidelity_weight", "novelty_weight"):
         with pytest.raises(DetoxError, match=f"reward.{name} must be 0 or more \\(a finite number\\), got inf"):
             build_config("smollm2-offline", overrides={f"reward.{name}": float("inf")}).validate()
+
+
+# ---------------------------------------------------------------- fidelity
+
+SUMMARIES = ["#Person1# complains to #Person2# that the kitchen cabinets came two months late.",
+             "#Person2# tells #Person1# that white trainers break the office dress code."]
+STOCK = "#Person1# complains to #Person2# about the problem and #Person2# agrees to fix it."
+
+
+def test_content_word_fidelity_does_not_pay_for_the_references_template():
+    stock = [STOCK] * 2
+    facts = ["The cabinets arrived two months late.", "White trainers broke the dress code."]
+    # Over all words the stock sentence shares the summaries' "#Person1# complains to #Person2#" and scores
+    # 0.40 on the first, about as much as its facts (0.56); over content words only "complains" is left.
+    assert rouge_l(stock, SUMMARIES).max() > 0.35
+    assert rouge_l(stock, SUMMARIES, content_words=True).max() < 0.25
+    assert rouge_l(facts, SUMMARIES, content_words=True).min() > 0.55
+    # speaker tags and stop words alone: nothing in common; stemming still applies
+    assert rouge_l(["#Person1# and the"], ["#Person2# is the"], content_words=True).tolist() == [0.0]
+    assert rouge_l(["cabinet arrives"], ["cabinets arrived"], content_words=True).tolist() == [1.0]
+
+
+def test_reward_config_chooses_the_fidelity_words():
+    plain = RewardConfig(scorer="profanity-check", fidelity_weight=2.0)
+    content = RewardConfig(scorer="profanity-check", fidelity_weight=2.0, fidelity_content_words=True)
+    scorer = FixedScorer([0.0, 0.0])
+    for config, words in ((plain, False), (content, True)):
+        reward = Reward.from_config(scorer, config, reference_name="summary")
+        _, values = reward([STOCK, STOCK], [STOCK, STOCK], references=SUMMARIES)
+        assert values["fidelity"].tolist() == rouge_l([STOCK, STOCK], SUMMARIES, content_words=words).tolist()
+        assert ("ROUGE-L over content words against" in reward.describe()) is words
 
 
 # ---------------------------------------------------------------- novelty

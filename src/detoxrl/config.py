@@ -81,6 +81,9 @@ class RewardConfig:
     score_query: bool = _f(False, "Score query + response together, as the recipe did.")
     fidelity_weight: float = _f(0.0, "Add this weight x ROUGE-L F1 against the prompt's reference response "
                                      "(data.reference_column) to the reward; 0 turns it off.")
+    fidelity_content_words: bool = _f(False, "Fidelity's ROUGE-L over content words only (stop words and speaker "
+                                             "tags such as #Person1# dropped): pays for a summary's facts, not its "
+                                             "template.")
     novelty_weight: float = _f(0.0, "Add this weight x the share of the response's word bigrams that no response "
                                     "to another prompt of the batch uses (against one stock phrasing); 0 turns it off.")
     terms: list[str] = _f([], "More reward terms: module:function[=WEIGHT] (weight 1 by default), each a function "

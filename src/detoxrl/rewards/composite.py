@@ -56,7 +56,8 @@ class Reward:
     @classmethod
     def from_config(cls, scorer: Scorer, config: RewardConfig, reference_name: str = "reference") -> Reward:
         """The scorer, then the config's fidelity, novelty and user terms (those with a non-zero weight)."""
-        functions = {"scorer": scorer_term(scorer, config.score_query), "fidelity": fidelity, "novelty": novelty}
+        functions = {"scorer": scorer_term(scorer, config.score_query),
+                     "fidelity": fidelity_term(config.fidelity_content_words), "novelty": novelty}
         terms = []
         for name, weight, description in planned_terms(config, reference_name):
             function = functions.get(name) or import_function(name, "reward.terms")
@@ -111,10 +112,13 @@ def scorer_term(scorer: Scorer, score_query: bool) -> RewardFunction:
     return toxicity
 
 
-def fidelity(prompts, completions, references=None, **kwargs):
-    if references is None:
-        raise DetoxError("reward.fidelity_weight needs the reference response of every prompt")
-    return rouge_l(completions, references)
+def fidelity_term(content_words: bool) -> RewardFunction:
+    def fidelity(prompts, completions, references=None, **kwargs):
+        if references is None:
+            raise DetoxError("reward.fidelity_weight needs the reference response of every prompt")
+        return rouge_l(completions, references, content_words)
+
+    return fidelity
 
 
 def novelty(prompts, completions, batch=None, **kwargs):
@@ -165,7 +169,8 @@ def planned_terms(config: RewardConfig, reference_name: str = "reference") -> li
         config.scorer, config.scorer)
     terms = [("scorer", 1.0, f"{scorer}{unit}{' on query + response' if config.score_query else ''}")]
     if config.fidelity_weight:
-        terms.append(("fidelity", config.fidelity_weight, f"ROUGE-L against the reference {reference_name}"))
+        words = " over content words" if config.fidelity_content_words else ""
+        terms.append(("fidelity", config.fidelity_weight, f"ROUGE-L{words} against the reference {reference_name}"))
     if config.novelty_weight:
         terms.append(("novelty", config.novelty_weight, "bigram novelty"))
     for spec in config.terms:
