@@ -55,3 +55,14 @@ def test_the_flop_count_covers_every_pass(tmp_path):
     head = next(w.numel() for name, w in weights.items() if "embed" in name)
     tokens = 4 * (16 + 8)  # batch x (prompt + response), benchmarks/sides/_common.py SIZES["quick"]
     assert 8 * body * tokens <= flops <= 3 * 8 * (body + head) * tokens, (flops, body, head)
+
+
+def test_the_matmul_rate_is_measured_in_both_dtypes():
+    """The FLOP floor's denominator: one line per dtype, each a positive rate."""
+    import re
+
+    result = subprocess.run([sys.executable, "benchmarks/matmul_rate.py", "--repeats", "1", "--threads", "1"],
+                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rates = dict(re.findall(r"^(float32|bfloat16)\s+median\s+(\d+) GFLOP/s", result.stdout, re.M))
+    assert set(rates) == {"float32", "bfloat16"} and all(int(r) > 0 for r in rates.values()), result.stdout
