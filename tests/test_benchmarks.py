@@ -61,8 +61,12 @@ def test_the_matmul_rate_is_measured_in_both_dtypes():
     """The FLOP floor's denominator: one line per dtype, each a positive rate."""
     import re
 
-    result = subprocess.run([sys.executable, "benchmarks/matmul_rate.py", "--repeats", "1", "--threads", "1"],
-                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "benchmarks/matmul_rate.py", "--repeats", "1", "--threads", "1", "--shapes"]
+    run = dict(cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*command, "256x128x256,128x256x128"], **run)
     assert result.returncode == 0, result.stderr[-2000:]
-    rates = dict(re.findall(r"^(float32|bfloat16)\s+median\s+(\d+) GFLOP/s", result.stdout, re.M))
+    rates = dict(re.findall(r"^(float32|bfloat16)\s+median\s+(\d+) GFLOP/s \(256x128x256: \d+, 128x256x128: \d+\)",
+                            result.stdout, re.M))
     assert set(rates) == {"float32", "bfloat16"} and all(int(r) > 0 for r in rates.values()), result.stdout
+    refused = subprocess.run([*command, "256x128"], **run)
+    assert refused.returncode == 2 and "shapes look like 4096x576x1536" in refused.stderr.splitlines()[-1]
