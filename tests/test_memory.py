@@ -1,5 +1,7 @@
 """Memory: evaluation batches sized by the cache they hold, and freed heap pages handed back."""
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -98,3 +100,29 @@ def test_freed_heap_pages_go_back_to_the_system():
     after = resident_bytes()
     assert before - freed < 30e6  # freeing alone kept them
     assert freed - after > 80e6
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+@pytest.mark.parametrize("mapped", [True, False])
+def test_large_blocks_go_back_to_the_system_when_freed(mapped):
+    """After map_large_blocks a 20 MiB block is mapped on its own, so freeing it returns its pages at once;
+    under glibc's default it comes from the heap once a larger block was freed, and stays resident."""
+    code = f"""
+import resource, torch
+from detoxrl.heap import map_large_blocks
+if {mapped}:
+    map_large_blocks()
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+larger = torch.ones(6 << 20)  # 24 MiB, then freed: glibc's default threshold rises to 24 MiB
+del larger
+keep = torch.ones(1 << 10)
+block = torch.ones(5 << 20)  # 20 MiB
+before = resident()
+del block
+print(before - resident())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    returned = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                  env=env).stdout)
+    assert (returned > 18e6) if mapped else (returned < 2e6), returned

@@ -4,10 +4,12 @@ import pytest
 import torch
 from plain import plain_logits, plain_scores
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers.cache_utils import DynamicLayer
 
 from detoxrl.config import GenerationConfig, ModelConfig
 from detoxrl.errors import DetoxError
-from detoxrl.policy import distinct_rows, forward_response, load_policy
+import detoxrl.rl.rollout as rollout
+from detoxrl.policy import ReservedLayer, distinct_rows, encode_prompts, forward_response, load_policy
 from detoxrl.rl.rollout import generate, reference_logprobs
 
 PROMPTS = ["the person1 said thanks about work and the meeting", "school talk"]
@@ -195,3 +197,52 @@ def test_prompt_cache_comes_from_the_decoder_body(tiny_llama):
     finally:
         handle.remove()
     assert calls == [(4, 1, head.in_features)] * 5
+
+
+def test_reserved_cache_decodes_as_the_growing_one_in_place(tiny_llama, monkeypatch):
+    """Sampling writes each step's keys and values into the prompts' cache allocated once (ReservedLayer):
+    the same responses and log-probs, to the last bit, as transformers' concatenating DynamicLayer, and the
+    buffers are never reallocated while decoding."""
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_llama)))
+    settings = GenerationConfig(max_new_tokens=7, min_new_tokens=7)
+    prompts, seeds = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2, [5, 6, 7, 8, 9]
+    caches = []
+
+    def recording(model, ids, mask, reserve=0):
+        encoded = encode_prompts(model, ids, mask, reserve)
+        caches.append(next(iter(encoded.values())))
+        return encoded
+
+    monkeypatch.setattr(rollout, "encode_prompts", recording)
+    reserved = generate(policy, policy.model, prompts, settings, 64, seeds)
+    layers = caches[0].layers
+    assert all(type(layer) is ReservedLayer for layer in layers)
+    assert all(layer.keys.data_ptr() == layer.key_buffer.data_ptr() for layer in layers)  # still the first buffer
+    prompt_length = policy.tokenize_prompts(prompts, 64, "cpu")["input_ids"].shape[1]
+    # the prompt but its last token, then that token and every sampled token but the last fed back in
+    assert {layer.keys.shape[-2] for layer in layers} == {prompt_length - 1 + settings.max_new_tokens}
+    assert {layer.key_buffer.shape[0] for layer in layers} == {len(prompts)}
+
+    monkeypatch.setattr(rollout, "encode_prompts", lambda model, ids, mask, reserve=0: encode_prompts(model, ids, mask))
+    growing = generate(policy, policy.model, prompts, settings, 64, seeds)
+    assert reserved.responses == growing.responses
+    assert torch.equal(reserved.response_ids, growing.response_ids) and torch.equal(reserved.logprobs, growing.logprobs)
+
+
+def test_reserved_layer_grows_past_its_room_and_after_a_reorder():
+    """Beyond the reserved positions, or once its keys are no longer a view of its buffer, the layer
+    concatenates as DynamicLayer does."""
+    keys = torch.randn(2, 1, 3, 4)
+    source = DynamicLayer()
+    source.update(keys, -keys)
+    layer = ReservedLayer(source, torch.tensor([0, 0, 1]), reserve=1)
+    torch.testing.assert_close(layer.keys, keys[[0, 0, 1]], rtol=0, atol=0)
+    steps = [torch.randn(3, 1, 1, 4) for _ in range(3)]
+    for step in steps:
+        k, v = layer.update(step, -step)
+    expected = torch.cat([keys[[0, 0, 1]], *steps], dim=-2)
+    torch.testing.assert_close(k, expected, rtol=0, atol=0)
+    torch.testing.assert_close(v, -expected, rtol=0, atol=0)
+    layer.reorder_cache(torch.tensor([2, 1, 0]))
+    k, _ = layer.update(steps[0], steps[0])
+    torch.testing.assert_close(k, torch.cat([expected[[2, 1, 0]], steps[0]], dim=-2), rtol=0, atol=0)

@@ -1,15 +1,21 @@
-"""Handing freed memory back to the operating system between phases of work.
+"""Handing freed memory back to the operating system: between phases of work, and for large blocks at once.
 
 glibc's malloc serves blocks below its mmap threshold from its heap, and that threshold rises to 32 MB as
 large blocks are freed; the heap's free pages then stay resident. After a training step or an evaluation
 batch the process holds about a gigabyte it no longer uses, which the next phase's peak stacks on.
 ``malloc_trim`` returns those pages; it costs milliseconds, so it runs between steps and batches only.
+
+Within a phase, the heap fragments: a decoding step's vocabulary-sized temporaries (128 x 49,152 floats,
+25 MB) land between blocks that outlive them, and the next step's no longer fit the holes. An evaluation
+batch's peak then swung by a gigabyte with the order of a few allocations. :func:`map_large_blocks` fixes
+the threshold at 16 MB, so blocks that large are mapped and unmapped whole, never fragmenting the heap.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 
 
@@ -24,6 +30,24 @@ def _malloc_trim():
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
+
+
+LARGE_BLOCK_BYTES = 16 * 2**20
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+@functools.cache
+def map_large_blocks() -> None:
+    """Serve blocks of 16 MB and more by mmap (glibc only; once per process). A threshold the user set with
+    ``MALLOC_MMAP_THRESHOLD_`` stays."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
 
 
 def release_freed_memory() -> None:

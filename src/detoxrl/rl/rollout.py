@@ -84,10 +84,13 @@ class SeededSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scaled = scores.float() / self.temperature
         logp = torch.log_softmax(scaled if self.nucleus is None else self.nucleus(input_ids, scaled), dim=-1)
-        uniform = torch.stack(
-            [torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in self.generators]
-        ).clamp_(min=1e-20)
-        noisy = logp - torch.log(-torch.log(uniform))
+        del scaled
+        # logp - log(-log(u)), computed in one [rows, vocabulary] tensor: each decoding step of a large batch
+        # would otherwise allocate a row per sample and several vocabulary-sized temporaries
+        noisy = torch.empty_like(logp)
+        for row, generator in zip(noisy, self.generators):
+            row.uniform_(generator=generator)
+        noisy.clamp_(min=1e-20).log_().neg_().log_().neg_().add_(logp)
         chosen = noisy.argmax(dim=-1, keepdim=True)
         self.logprobs.append(logp.gather(-1, chosen).squeeze(-1))
         if self.model_logprobs is not None:
@@ -168,7 +171,7 @@ def generate(
     settings = hf_generation_config(config, policy, value_head is not None)
     with model_generation_defaults(model, settings):
         out = model.generate(
-            **query, **encode_prompts(model, query["input_ids"], query["attention_mask"]),
+            **query, **encode_prompts(model, query["input_ids"], query["attention_mask"], config.max_new_tokens),
             generation_config=settings, logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_gpus
         )
     start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
