@@ -105,13 +105,13 @@ def test_freed_heap_pages_go_back_to_the_system():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
 @pytest.mark.parametrize("mapped", [True, False])
 def test_large_blocks_go_back_to_the_system_when_freed(mapped):
-    """After map_large_blocks a 20 MiB block is mapped on its own, so freeing it returns its pages at once;
+    """After limit_heap_growth a 20 MiB block is mapped on its own, so freeing it returns its pages at once;
     under glibc's default it comes from the heap once a larger block was freed, and stays resident."""
     code = f"""
 import resource, torch
-from detoxrl.heap import map_large_blocks
+from detoxrl.heap import limit_heap_growth
 if {mapped}:
-    map_large_blocks()
+    limit_heap_growth()
 def resident():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 larger = torch.ones(6 << 20)  # 24 MiB, then freed: glibc's default threshold rises to 24 MiB
@@ -126,3 +126,41 @@ print(before - resident())
     returned = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                   env=env).stdout)
     assert (returned > 18e6) if mapped else (returned < 2e6), returned
+
+
+ONEDNN_GROWTH = """
+import ctypes, resource, sys, torch
+from detoxrl.heap import limit_heap_growth
+if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    print("no oneDNN bf16"); sys.exit()
+if {limited}:
+    limit_heap_growth()
+torch.set_num_threads(1)
+def resident():
+    ctypes.CDLL(None).malloc_trim(0)
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+weight = torch.randn(1536, 576, dtype=torch.bfloat16)
+def multiply(shapes):
+    for rows in shapes:
+        torch.nn.functional.linear(torch.randn(rows, 576, dtype=torch.bfloat16), weight)
+multiply(range(100, 300))
+before = resident()
+multiply(range(300, 700))  # a new shape each time, as each prompt length is
+print(resident() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_bf16_kernels_for_new_shapes_stop_piling_up():
+    """oneDNN compiles a bf16 matmul kernel per shape and keeps 1,024 by default: 400 new shapes add ~0.3 GB.
+    With limit_heap_growth it keeps 64, and less than half of that stays (a value the user set stays)."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    run = lambda limited, extra={}: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", ONEDNN_GROWTH.format(limited=limited)], capture_output=True, text=True, check=True,
+        env={**env, **extra}).stdout.strip()
+    grown = run(False)
+    if grown == "no oneDNN bf16":
+        pytest.skip("bf16 matmuls do not go through oneDNN on this CPU")
+    limited = run(True)
+    assert int(grown) > 150e6 and int(limited) < 0.5 * int(grown), (grown, limited)
+    assert int(run(True, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})) > 150e6

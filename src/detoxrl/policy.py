@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .config import ModelConfig
 from .errors import DetoxError
-from .heap import map_large_blocks
+from .heap import limit_heap_growth
 from .hub import load_pretrained
 from .precision import resolve_dtype
 from .rl.logprobs import LMHead
@@ -518,10 +518,10 @@ def load_policy(config: ModelConfig, adapter: str | Path | None = None, device: 
 
     ``adapter`` (a saved detoxrl adapter directory) overrides ``config.adapter``; a value head
     saved with it (PPO runs) is restored too. ``device`` (the ``device`` setting) is where
-    ``model.dtype: auto`` looks for fast bf16. Large tensor work follows, so large blocks are mapped
-    from here on (:func:`detoxrl.heap.map_large_blocks`).
+    ``model.dtype: auto`` looks for fast bf16. Large tensor work follows: from here on the heap's
+    growth is limited (:func:`detoxrl.heap.limit_heap_growth`).
     """
-    map_large_blocks()
+    limit_heap_growth()
     dtype = resolve_dtype(config.dtype, device)
     location = resolve_model_location(config, dtype)
     base = load_base(location, config.trust_remote_code, dtype)
