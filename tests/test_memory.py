@@ -161,6 +161,8 @@ def test_bf16_kernels_for_new_shapes_stop_piling_up():
     grown = run(False)
     if grown == "no oneDNN bf16":
         pytest.skip("bf16 matmuls do not go through oneDNN on this CPU")
+    if int(grown) < 50e6:
+        pytest.skip(f"oneDNN's kernels for 400 new shapes keep only {int(grown) / 1e6:.0f} MB on this CPU")
     limited = run(True)
-    assert int(grown) > 150e6 and int(limited) < 0.5 * int(grown), (grown, limited)
-    assert int(run(True, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})) > 150e6
+    assert int(limited) < 0.5 * int(grown), (grown, limited)
+    assert int(run(True, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})) > 0.5 * int(grown)
