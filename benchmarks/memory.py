@@ -70,8 +70,7 @@ def main() -> None:
         from detoxrl.data import build_splits
         from detoxrl.heap import release_freed_memory
         from detoxrl.rl.rollout import generate
-        from detoxrl.sampling import eval_mode
-        from detoxrl.sampling import EVAL_STREAM, keyed_seeds
+        from detoxrl.sampling import EVAL_STREAM, eval_mode, keyed_seeds
 
         config = build_config("smollm2-offline", overrides={"model.dtype": args.dtype})
         _, validation = build_splits(config.data)

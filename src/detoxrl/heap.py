@@ -25,16 +25,17 @@ import sys
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library is another one (macOS, Windows, musl)."""
+def _glibc(name: str, argtypes: tuple, restype):
+    """glibc's function ``name`` (malloc_trim, mallopt), or None where the C library is another one (macOS,
+    Windows, musl)."""
     if not sys.platform.startswith("linux"):
         return None
     try:  # the process's own symbols: ctypes.util.find_library would fork a subprocess as large as this one
-        trim = ctypes.CDLL(None).malloc_trim
+        function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    function.argtypes, function.restype = list(argtypes), restype
+    return function
 
 
 LARGE_BLOCK_BYTES = 16 * 2**20
@@ -48,18 +49,13 @@ def limit_heap_growth() -> None:
     before oneDNN's first kernel; what the user set (``MALLOC_MMAP_THRESHOLD_``,
     ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) stays."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_KERNELS))  # read at oneDNN's first use
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
+    mallopt = _glibc("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    if mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
 
 
 def release_freed_memory() -> None:
     """Return the heap's free pages to the operating system (glibc only; elsewhere nothing happens)."""
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
     if trim is not None:
         trim(0)

@@ -280,7 +280,7 @@ class ReservedLayer(DynamicLayer):
 
     @staticmethod
     def _buffer(states: torch.Tensor, rows: torch.Tensor, reserve: int) -> torch.Tensor:
-        batch, heads, length, dim = states.shape
+        _, heads, length, dim = states.shape
         buffer = states.new_empty(len(rows), heads, length + reserve, dim)
         buffer[..., :length, :] = states.index_select(0, rows.to(states.device))
         return buffer

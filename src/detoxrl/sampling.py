@@ -173,7 +173,8 @@ def greedy(policy: Policy, model: torch.nn.Module, prompts: list[str], config: C
         query = policy.tokenize_prompts(prompts[i : i + batch_size], config.data.max_prompt_tokens,
                                         next(model.parameters()).device)
         prompt = encode_prompts(model, query["input_ids"], query["attention_mask"], config.generation.max_new_tokens)
-        out = model.generate(**query, **prompt, generation_config=hf_generation_config(config.generation, policy, False))
+        out = model.generate(**query, **prompt,
+                             generation_config=hf_generation_config(config.generation, policy, False))
         start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
         texts += [t.strip() for t in policy.tokenizer.batch_decode(out.sequences[:, start:], skip_special_tokens=True)]
     return texts
