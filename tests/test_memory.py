@@ -39,34 +39,39 @@ def test_the_estimate_is_the_cache_generation_holds(tiny_llama, tiny_t5, dtype):
         assert held <= estimate <= held + last_position, path.name
 
 
-def test_batches_are_sized_by_memory_unless_given(tiny_llama):
+def test_batches_are_sized_by_memory_unless_given(tiny_llama, tiny_t5):
     config = tiny_run_config(tiny_llama, "unused", **{"data.max_prompt_tokens": 60, "generation.max_new_tokens": 4})
-    model_config = load_policy(config.model).model.config
-    per_response = cache_bytes_per_response(model_config, 60, 4, torch.float32)
+    model = load_policy(config.model).model
+    per_response = cache_bytes_per_response(model.config, 60, 4, torch.float32)
     config.eval.batch_memory_gb = 10 * per_response / 1e9
-    assert evaluation_batch_size(config, model_config, torch.float32) == 10
-    assert evaluation_batch_size(config, model_config, torch.bfloat16) == 20  # half the bytes per response
+    assert evaluation_batch_size(config, model) == 10
+    # a model sharing the prompts' cache holds it in fp32 whatever its weights' dtype; T5 holds it in theirs
+    assert evaluation_batch_size(config, model.to(torch.bfloat16)) == 10
+    t5 = load_policy(tiny_run_config(tiny_t5, "unused").model).model
+    config.eval.batch_memory_gb = 10 * cache_bytes_per_response(t5.config, 60, 4, torch.float32) / 1e9
+    assert evaluation_batch_size(config, t5) == 10
+    assert evaluation_batch_size(config, t5.to(torch.bfloat16)) == 20  # half the bytes per response
     config.eval.batch_memory_gb = None  # the default limit is ample for a tiny model: the cap
-    assert evaluation_batch_size(config, model_config, torch.float32) == MAX_AUTO_BATCH
+    assert evaluation_batch_size(config, model) == MAX_AUTO_BATCH
     config.eval.batch_size = 500  # given without a limit: as given
-    assert evaluation_batch_size(config, model_config, torch.float32) == 500
+    assert evaluation_batch_size(config, model) == 500
     config.data.max_prompt_tokens = 10 ** 9  # no response fits the default limit: one at a time, given or not
-    assert evaluation_batch_size(config, model_config, torch.float32) == 500
+    assert evaluation_batch_size(config, model) == 500
     config.eval.batch_size = None
-    assert evaluation_batch_size(config, model_config, torch.float32) == 1
+    assert evaluation_batch_size(config, model) == 1
 
 
 def test_a_batch_that_cannot_fit_its_memory_limit_is_refused(tiny_llama):
     config = tiny_run_config(tiny_llama, "unused", **{"data.max_prompt_tokens": 60, "generation.max_new_tokens": 4})
-    model_config = load_policy(config.model).model.config
-    per_response = cache_bytes_per_response(model_config, 60, 4, torch.float32)
+    model = load_policy(config.model).model
+    per_response = cache_bytes_per_response(model.config, 60, 4, torch.float32)
     config.eval.batch_size, config.eval.batch_memory_gb = 8, 5.5 * per_response / 1e9
     with pytest.raises(DetoxError, match=r"eval.batch_size \(8\) does not fit eval.batch_memory_gb .*use "
                                          r"eval.batch_size 5 or less"):
-        evaluation_batch_size(config, model_config, torch.float32)
+        evaluation_batch_size(config, model)
     config.eval.batch_size, config.eval.batch_memory_gb = None, 0.5 * per_response / 1e9
     with pytest.raises(DetoxError, match=r"does not hold one response .* raise it or lower data.max_prompt_tokens"):
-        evaluation_batch_size(config, model_config, torch.float32)
+        evaluation_batch_size(config, model)
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -8,6 +8,7 @@ from transformers.cache_utils import DynamicLayer
 
 from detoxrl.config import GenerationConfig, ModelConfig
 from detoxrl.errors import DetoxError
+import detoxrl.policy
 import detoxrl.rl.rollout as rollout
 from detoxrl.policy import ReservedLayer, distinct_rows, encode_prompts, forward_response, load_policy
 from detoxrl.rl.rollout import generate, reference_logprobs
@@ -207,6 +208,7 @@ def test_reserved_cache_decodes_as_the_growing_one_in_place(tiny_llama, monkeypa
     settings = GenerationConfig(max_new_tokens=7, min_new_tokens=7)
     prompts, seeds = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2, [5, 6, 7, 8, 9]
     caches = []
+    monkeypatch.setattr(detoxrl.policy, "supports_shared_prefix", lambda model: False)  # the layer models lacking it get
 
     def recording(model, ids, mask, reserve=0):
         encoded = encode_prompts(model, ids, mask, reserve)

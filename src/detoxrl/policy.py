@@ -35,6 +35,7 @@ from .hub import load_pretrained
 from .precision import resolve_dtype
 from .rl.logprobs import LMHead
 from .rundir import apply_umask
+from .shared_prefix import SharedPrefixLayer, shared_prefixes, supports_shared_prefix
 
 PACKAGE_PREFIX = "pkg://"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -239,7 +240,10 @@ def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.
     Encoder-decoder: the encoder's output. Decoder-only (prompts padded on the left): the key/value
     cache of every prompt token but the last, which the caller feeds so that its logits come out.
     Gradients flow through the expansion, so this serves training passes too. ``reserve``: room for
-    that many more positions in the cache, for decoding (:class:`ReservedLayer`).
+    that many more positions in the cache, for decoding and teacher-forced passes: one copy of each prompt's where
+    the model allows (:class:`~detoxrl.shared_prefix.SharedPrefixLayer`, used under
+    :func:`~detoxrl.shared_prefix.shared_prefixes`, so that sampling and re-scoring attend alike whatever
+    their batches), otherwise :class:`ReservedLayer`.
 
     The cache comes from the decoder's body alone: no logits are wanted, and the LM head applied to the
     last position's strided [rows, 1, H] slice computes, on CPU in bf16, about the logits of every
@@ -255,7 +259,10 @@ def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.
                               use_cache=True)
     cache = out[CACHE_KEY]
     if reserve and all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", ())):
-        cache.layers = [ReservedLayer(layer, inverse, reserve) for layer in cache.layers]
+        if supports_shared_prefix(model):
+            cache.layers = [SharedPrefixLayer(layer, inverse, reserve, model.config) for layer in cache.layers]
+        else:
+            cache.layers = [ReservedLayer(layer, inverse, reserve) for layer in cache.layers]
     else:
         cache.reorder_cache(inverse)
     return {CACHE_KEY: cache}
@@ -366,14 +373,15 @@ def _teacher_forced(model, query_ids, query_mask, response_ids, hidden_states: b
         # The last prompt token and all response tokens but the last, after the cached prompt.
         mask = torch.cat([query_mask, torch.ones_like(response_ids[:, 1:], dtype=query_mask.dtype)], dim=1)
         positions = position_ids(mask)[:, -T:]
-        out = model(
-            input_ids=torch.cat([query_ids[:, -1:], response_ids[:, :-1]], dim=1),
-            attention_mask=mask,
-            position_ids=positions,
-            output_hidden_states=hidden_states,
-            use_cache=True,
-            **encode_prompts(model, query_ids, query_mask),
-        )
+        with shared_prefixes(model):  # the attention sampling used, where it shared the prompts' cache
+            out = model(
+                input_ids=torch.cat([query_ids[:, -1:], response_ids[:, :-1]], dim=1),
+                attention_mask=mask,
+                position_ids=positions,
+                output_hidden_states=hidden_states,
+                use_cache=True,
+                **encode_prompts(model, query_ids, query_mask, reserve=T),
+            )
         head_input = out.logits
         hidden = out.hidden_states[-1] if hidden_states else None
     else:

@@ -21,6 +21,7 @@ from .errors import DetoxError
 from .heap import release_freed_memory
 from .policy import Policy, encode_prompts
 from .rl.rollout import Rollout, generate, hf_generation_config
+from .shared_prefix import shared_prefixes, supports_shared_prefix
 
 # Seed streams: training uses its step number, so these keep evaluation's and generate's samples apart.
 EVAL_STREAM = 1_000_003
@@ -80,11 +81,16 @@ def cache_bytes_per_response(model_config, prompt_tokens: int, new_tokens: int, 
     return size * c.num_hidden_layers * 2 * heads * head_dim * (prompt_tokens + new_tokens)
 
 
-def evaluation_batch_size(config: Config, model_config, dtype: torch.dtype) -> int:
+def evaluation_batch_size(config: Config, model: torch.nn.Module) -> int:
     """Responses per evaluation batch: ``eval.batch_size``, or the most whose cache fits ``eval.batch_memory_gb``
     (:func:`cache_bytes_per_response` at data.max_prompt_tokens + the evaluation's max_new_tokens) up to
     ``MAX_AUTO_BATCH``, and at least one under the default limit. A limit that is given is kept: a batch size
-    beyond it, or a limit that holds no response, is refused."""
+    beyond it, or a limit that holds no response, is refused.
+
+    A model that shares the prompts' cache (:mod:`detoxrl.shared_prefix`) holds it in fp32: counted at 4 bytes
+    per value, and as if every row had its own prompt, the most it can hold."""
+    model_config = model.config
+    dtype = torch.float32 if supports_shared_prefix(model) else model.dtype
     e = config.eval
     if e.batch_memory_gb is None and e.batch_size is not None:
         return e.batch_size
@@ -128,7 +134,7 @@ def sample(policy: Policy, model: torch.nn.Module, prompts: list[str], config: C
     seeds across calls for learning curves.
     """
     generation = generation or config.generation
-    batch_size = batch_size or evaluation_batch_size(config, model.config, model.dtype)
+    batch_size = batch_size or evaluation_batch_size(config, model)
     expanded = [p for p in prompts for _ in range(samples)]
     seeds = keyed_seeds(config.seed, stream, prompts, samples)
     rollouts = []
@@ -167,14 +173,15 @@ def texts_of(rollouts: list[Rollout]) -> list[str]:
 def greedy(policy: Policy, model: torch.nn.Module, prompts: list[str], config: Config,
            batch_size: int | None = None) -> list[str]:
     """The most likely tokens, step by step: the sampler's generation settings without its noise."""
-    batch_size = batch_size or evaluation_batch_size(config, model.config, model.dtype)
+    batch_size = batch_size or evaluation_batch_size(config, model)
     texts = []
     for i in range(0, len(prompts), batch_size):
         query = policy.tokenize_prompts(prompts[i : i + batch_size], config.data.max_prompt_tokens,
                                         next(model.parameters()).device)
         prompt = encode_prompts(model, query["input_ids"], query["attention_mask"], config.generation.max_new_tokens)
-        out = model.generate(**query, **prompt,
-                             generation_config=hf_generation_config(config.generation, policy, False))
+        with shared_prefixes(model):
+            out = model.generate(**query, **prompt,
+                                 generation_config=hf_generation_config(config.generation, policy, False))
         start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
         texts += [t.strip() for t in policy.tokenizer.batch_decode(out.sequences[:, start:], skip_special_tokens=True)]
     return texts

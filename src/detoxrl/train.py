@@ -76,7 +76,7 @@ def _train(config: Config, accelerator: Accelerator, resume: bool, reward: Rewar
     policy = load_policy(config.model, adapter=run.adapter if trained else None, device=config.device)
     check_generation_fits(config, policy.model.config)
     if config.eval.enabled or config.eval.curve_steps:
-        evaluation_batch_size(config, policy.model.config, policy.model.dtype)  # one that cannot fit fails here
+        evaluation_batch_size(config, policy.model)  # one that cannot fit fails here
     trainer = RLTrainer(config, policy, reward, list(train_rows["prompt"]), accelerator,
                         references=references(train_rows, config))
 

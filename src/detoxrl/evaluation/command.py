@@ -130,7 +130,7 @@ def _evaluate(config: Config, out: RunDir, dataset: str | None, overwrite: bool,
     reward = build_reward(config.reward, str(device), config.model.trust_remote_code,
                           config.data.reference_column or "reference")
     policy = place_policy(load_policy(config.model, adapter=adapter, device=config.device), device)
-    evaluation_batch_size(config, policy.model.config, policy.model.dtype)  # one that cannot fit fails here
+    evaluation_batch_size(config, policy.model)  # one that cannot fit fails here
     run = {**run, "sampling": describe_sampling(config)["summary"]} if run else run_info(config)
     out.path.mkdir(parents=True, exist_ok=True)
     out.metrics.unlink(missing_ok=True)  # an evaluation replaced half-way must not look finished

@@ -149,7 +149,7 @@ def load_fluency_model(name: str, device: torch.device | str = "cpu") -> Fluency
 def fluency_nll(fluency: FluencyModel, prompts: list[str], responses: list[str], config: Config):
     return response_nll(fluency.model, fluency.tokenizer,
                         lambda p: fluency.tokenize(p, config.data.max_prompt_tokens),
-                        prompts, responses, evaluation_batch_size(config, fluency.model.config, fluency.model.dtype))
+                        prompts, responses, evaluation_batch_size(config, fluency.model))
 
 
 def judge_subset(policy: Policy, prompts: list[str], config: Config, evaluator: Scorer,

@@ -18,6 +18,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 from ..config import GenerationConfig
 from ..errors import DetoxError
 from ..policy import Policy, ValueHead, encode_prompts, forward_response
+from ..shared_prefix import shared_prefixes
 from .core import response_mask
 from .logprobs import score_tokens
 
@@ -169,7 +170,7 @@ def generate(
     query = policy.tokenize_prompts(prompts, max_prompt_tokens, device)
     sampler = SeededSampler(seeds, config.temperature, device, record_model_logprobs, config.top_p)
     settings = hf_generation_config(config, policy, value_head is not None)
-    with model_generation_defaults(model, settings):
+    with model_generation_defaults(model, settings), shared_prefixes(model):
         out = model.generate(
             **query, **encode_prompts(model, query["input_ids"], query["attention_mask"], config.max_new_tokens),
             generation_config=settings, logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_gpus
