@@ -59,6 +59,34 @@ def test_attention_equals_attention_over_the_expanded_cache(new, padded):
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
+def test_gradients_equal_those_through_the_expanded_cache():
+    """Training passes recompute the attention in backward (checkpointed): the gradients of the queries, the
+    prompts' keys and values and the rows' own ones are those of SDPA over every row's full cache."""
+    torch.manual_seed(1)
+    rows, heads, prefix, dim, new = len(ROWS), 2, 5, 8, 3
+    prefix_keys = torch.randn(3, heads, prefix, dim, requires_grad=True)
+    prefix_values = torch.randn(3, heads, prefix, dim, requires_grad=True)
+    own_keys = torch.randn(rows, heads, new, dim, requires_grad=True)
+    own_values = torch.randn(rows, heads, new, dim, requires_grad=True)
+    query = torch.randn(rows, 4, new, dim, requires_grad=True)
+    leaves = (query, prefix_keys, prefix_values, own_keys, own_values)
+
+    layer = layer_with(prefix_keys, prefix_values, reserve=new)
+    keys, values = layer.update(own_keys, own_values)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=True)
+    out, _ = shared_prefix_attention(module, query, keys, values, None, scaling=dim ** -0.5)
+    weights = torch.randn_like(out)
+    shared = torch.autograd.grad((out * weights).sum(), leaves)
+
+    full_keys = torch.cat([prefix_keys[ROWS], own_keys], dim=-2).repeat_interleave(2, dim=1)
+    full_values = torch.cat([prefix_values[ROWS], own_values], dim=-2).repeat_interleave(2, dim=1)
+    mask = torch.ones(new, prefix + new, dtype=torch.bool).tril(prefix)
+    expected = F.scaled_dot_product_attention(query, full_keys, full_values, attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(shared, torch.autograd.grad((expected * weights).sum(), leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_layer_without_the_attention_switched_on_expands_to_every_row():
     """Under any other attention, or asked to reorder, the layer copies the prefix to every row first and then
     concatenates as DynamicLayer does: slower, never wrong."""

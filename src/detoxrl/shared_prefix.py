@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.utils.checkpoint
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -159,31 +160,45 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
                             **kwargs):
     """Attention over a :class:`SharedPrefixLayer`'s prompt and the rows' own positions, one softmax over both;
     SDPA for any other keys. ``attention_mask`` is SDPA's (boolean, True attends) over prefix then own
-    positions, or None where nothing is masked."""
+    positions, or None where nothing is masked.
+
+    Where gradients flow (training passes), the attention is recomputed in the backward pass instead of
+    keeping its fp32 scores and probabilities for every layer (~7 MB a layer for 8 rows of 40 positions).
+    """
     layer = getattr(key, "shared_prefix", None)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    inputs = (query, key, value, layer.prefix_keys, layer.prefix_values, attention_mask, layer.members, layer.slots,
+              scaling)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:5]):
+        return torch.utils.checkpoint.checkpoint(attend, *inputs, use_reentrant=False), None
+    return attend(*inputs), None
+
+
+def attend(query, keys, values, prefix_keys, prefix_values, mask, members, slots, scaling: float) -> torch.Tensor:
+    """Softmax attention of ``query`` [B, Hq, q, D] over each row's prompt (``prefix_*`` [P, H, Lp, D], the rows
+    of prompt p being ``members[p]``) followed by its own ``keys``/``values`` [B, H, t, D], in fp32; GQA when
+    Hq > H. Returns [B, q, Hq, D] in the query's dtype, as transformers' attention functions do."""
     rows, query_heads, length, dim = query.shape
-    heads = key.shape[1]
+    heads = keys.shape[1]
     per_head = query_heads // heads * length  # GQA: the query heads that share a key head, times positions
     queries = query.float().reshape(rows, heads, per_head, dim)
-    width = layer.members.shape[1]
-    prefix_scores = _ungrouped(_grouped(queries, layer.members) @ layer.prefix_keys.transpose(-1, -2),
-                               width, layer.slots)
-    scores = torch.cat([prefix_scores, queries @ key.transpose(-1, -2)], dim=-1)
-    scores = scores.view(rows, query_heads, length, -1) * (scaling if scaling is not None else dim ** -0.5)
-    if attention_mask is None and length > 1:  # causal among the new positions
-        attention_mask = torch.ones(length, scores.shape[-1], dtype=torch.bool, device=scores.device) \
+    width = members.shape[1]
+    prefix_scores = _ungrouped(_grouped(queries, members) @ prefix_keys.transpose(-1, -2), width, slots)
+    scores = torch.cat([prefix_scores, queries @ keys.transpose(-1, -2)], dim=-1)
+    scores = scores.view(rows, query_heads, length, -1) * scaling
+    if mask is None and length > 1:  # causal among the new positions
+        mask = torch.ones(length, scores.shape[-1], dtype=torch.bool, device=scores.device) \
             .tril(scores.shape[-1] - length)
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
-            else scores + attention_mask
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = scores.softmax(dim=-1).view(rows, heads, per_head, -1)
-    prefix = layer.prefix_length
-    out = probs[..., prefix:] @ value + _ungrouped(
-        _grouped(probs[..., :prefix], layer.members) @ layer.prefix_values, width, layer.slots)
-    return out.view(rows, query_heads, length, dim).transpose(1, 2).to(query.dtype).contiguous(), None
+    prefix = prefix_keys.shape[-2]
+    out = probs[..., prefix:] @ values + _ungrouped(_grouped(probs[..., :prefix], members) @ prefix_values, width,
+                                                    slots)
+    return out.view(rows, query_heads, length, dim).transpose(1, 2).to(query.dtype).contiguous()
 
 
 AttentionInterface.register(ATTENTION, shared_prefix_attention)
