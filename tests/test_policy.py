@@ -3,6 +3,7 @@
 import pytest
 import torch
 from plain import plain_logits, plain_scores
+from tiny import record_prompt_caches
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.cache_utils import DynamicLayer
 
@@ -207,15 +208,8 @@ def test_reserved_cache_decodes_as_the_growing_one_in_place(tiny_llama, monkeypa
     policy = load_policy(ModelConfig(name_or_path=str(tiny_llama)))
     settings = GenerationConfig(max_new_tokens=7, min_new_tokens=7)
     prompts, seeds = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2, [5, 6, 7, 8, 9]
-    caches = []
     monkeypatch.setattr(detoxrl.policy, "supports_shared_prefix", lambda model: False)  # the layer models lacking it get
-
-    def recording(model, ids, mask, reserve=0):
-        encoded = encode_prompts(model, ids, mask, reserve)
-        caches.append(next(iter(encoded.values())))
-        return encoded
-
-    monkeypatch.setattr(rollout, "encode_prompts", recording)
+    caches = record_prompt_caches(monkeypatch)
     reserved = generate(policy, policy.model, prompts, settings, 64, seeds)
     layers = caches[0].layers
     assert all(type(layer) is ReservedLayer for layer in layers)

@@ -5,12 +5,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import record_prompt_caches
 from transformers.cache_utils import DynamicLayer
 
 import detoxrl.policy
-import detoxrl.rl.rollout as rollout
 from detoxrl.config import GenerationConfig, ModelConfig
-from detoxrl.policy import encode_prompts, load_policy
+from detoxrl.policy import load_policy
 from detoxrl.rl.rollout import generate
 from detoxrl.shared_prefix import ATTENTION, SharedPrefixLayer, prompt_groups, shared_prefix_attention
 
@@ -112,14 +112,7 @@ def test_sampling_shares_each_prompt_cache_and_draws_the_same(tiny_llama, monkey
     policy = load_policy(ModelConfig(name_or_path=str(tiny_llama)))
     settings = GenerationConfig(max_new_tokens=7, min_new_tokens=7)
     prompts, seeds = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2, [5, 6, 7, 8, 9]
-    caches = []
-
-    def recording(model, ids, mask, reserve=0):
-        encoded = encode_prompts(model, ids, mask, reserve)
-        caches.append(next(iter(encoded.values())))
-        return encoded
-
-    monkeypatch.setattr(rollout, "encode_prompts", recording)
+    caches = record_prompt_caches(monkeypatch)
     shared = generate(policy, policy.model, prompts, settings, 64, seeds)
     layers = caches[0].layers
     assert all(type(layer) is SharedPrefixLayer and layer.shared for layer in layers)

@@ -219,3 +219,19 @@ def write_rtp_jsonl(path: Path) -> Path:
             for i, (text, toxicity, challenging) in enumerate(RTP_PROMPTS)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def record_prompt_caches(monkeypatch) -> list:
+    """The prompts' key/value caches that ``generate`` builds, recorded as it builds them."""
+    import detoxrl.rl.rollout as rollout
+    from detoxrl.policy import encode_prompts
+
+    caches = []
+
+    def recording(model, ids, mask, reserve=0):
+        encoded = encode_prompts(model, ids, mask, reserve)
+        caches.append(next(iter(encoded.values())))
+        return encoded
+
+    monkeypatch.setattr(rollout, "encode_prompts", recording)
+    return caches
