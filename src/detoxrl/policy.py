@@ -240,10 +240,10 @@ def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.
     Encoder-decoder: the encoder's output. Decoder-only (prompts padded on the left): the key/value
     cache of every prompt token but the last, which the caller feeds so that its logits come out.
     Gradients flow through the expansion, so this serves training passes too. ``reserve``: room for
-    that many more positions in the cache, for decoding and teacher-forced passes: one copy of each prompt's where
-    the model allows (:class:`~detoxrl.shared_prefix.SharedPrefixLayer`, used under
-    :func:`~detoxrl.shared_prefix.shared_prefixes`, so that sampling and re-scoring attend alike whatever
-    their batches), otherwise :class:`ReservedLayer`.
+    that many more positions in the cache: one copy of each prompt's where the model allows
+    (:class:`~detoxrl.shared_prefix.SharedPrefixLayer`, used under :func:`~detoxrl.shared_prefix.shared_prefixes`
+    by sampling and by teacher-forced passes, so that both attend alike whatever their batches), otherwise
+    :class:`ReservedLayer` (sampling only).
 
     The cache comes from the decoder's body alone: no logits are wanted, and the LM head applied to the
     last position's strided [rows, 1, H] slice computes, on CPU in bf16, about the logits of every
@@ -380,7 +380,7 @@ def _teacher_forced(model, query_ids, query_mask, response_ids, hidden_states: b
                 position_ids=positions,
                 output_hidden_states=hidden_states,
                 use_cache=True,
-                **encode_prompts(model, query_ids, query_mask, reserve=T),
+                **encode_prompts(model, query_ids, query_mask, reserve=T if supports_shared_prefix(model) else 0),
             )
         head_input = out.logits
         hidden = out.hidden_states[-1] if hidden_states else None

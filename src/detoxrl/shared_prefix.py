@@ -1,4 +1,4 @@
-"""Decoding with one copy of each prompt's key/value cache, shared by the rows that sample it.
+"""One copy of each prompt's key/value cache, shared by the rows that sample or re-score it.
 
 Sampling draws k responses per prompt. Expanded to every row, the prompts' cache is stored k times and read
 k times at every decoding step: evaluation's 128 rows of ~230 prompt tokens hold ~0.86 GB in bf16 (1.7 GB in
@@ -9,7 +9,8 @@ attention, computed in fp32 (bf16 inputs are converted as they enter the cache),
 SDPA's by rounding only.
 
 It needs a model whose attention goes through transformers' attention interface
-(``_supports_attention_backend``), and is switched on around ``generate`` by :func:`shared_prefixes`.
+(``_supports_attention_backend``), and is switched on by :func:`shared_prefixes` around ``generate`` and the
+teacher-forced passes that re-score what it sampled (the same arithmetic in both, whatever their batches).
 A layer used without that switch, or asked to reorder or select rows, first expands its prefix to every row
 and then behaves as transformers' DynamicLayer, so it is never wrong, only slower.
 """
@@ -35,8 +36,8 @@ def supports_shared_prefix(model: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def shared_prefixes(model: torch.nn.Module):
-    """Attention by :func:`shared_prefix_attention` (SDPA's masks) for the duration, around ``generate``, where
-    the model supports it; otherwise nothing changes."""
+    """Attention by :func:`shared_prefix_attention` (SDPA's masks) for the duration, where the model supports it;
+    otherwise nothing changes."""
     if not supports_shared_prefix(model):
         yield
         return
