@@ -8,8 +8,8 @@ scores a row's queries against its prompt's keys and its own, with one softmax o
 attention, computed in fp32 (bf16 inputs are converted as they enter the cache), so bf16 draws differ from
 SDPA's by rounding only.
 
-It needs a model whose attention goes through transformers' attention interface
-(``_supports_attention_backend``), and is switched on by :func:`shared_prefixes` around ``generate`` and the
+It needs a model whose attention is plain softmax attention dispatched by transformers' attention interface
+(:data:`ARCHITECTURES`), and is switched on by :func:`shared_prefixes` around ``generate`` and the
 teacher-forced passes that re-score what it sampled (the same arithmetic in both, whatever their batches).
 A layer used without that switch, or asked to reorder or select rows, first expands its prefix to every row
 and then behaves as transformers' DynamicLayer, so it is never wrong, only slower.
@@ -27,11 +27,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION = "detoxrl_shared_prefix"
+# Architectures whose attention is plain scaled softmax attention (RoPE inside the module, GQA, no softcapping,
+# sinks or biases) dispatched through transformers' attention interface, and tested here (a tiny Llama; SmolLM2
+# is a Llama). Others keep ReservedLayer.
+ARCHITECTURES = frozenset({"llama"})
 
 
 def supports_shared_prefix(model: torch.nn.Module) -> bool:
-    """Decoder-only models whose attention transformers' attention interface dispatches."""
-    return not model.config.is_encoder_decoder and bool(getattr(model, "_supports_attention_backend", False))
+    """Models whose attention :func:`shared_prefix_attention` computes exactly (:data:`ARCHITECTURES`)."""
+    config = model.config
+    return config.model_type in ARCHITECTURES and bool(getattr(model, "_supports_attention_backend", False))
 
 
 @contextlib.contextmanager
