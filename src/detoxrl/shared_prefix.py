@@ -115,9 +115,8 @@ class SharedPrefixLayer(DynamicLayer):
         self.key_buffer[..., start:end, :] = key_states
         self.value_buffer[..., start:end, :] = value_states
         self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
-        keys, values = self.keys.view_as(self.keys), self.values
-        keys.shared_prefix = self
-        return keys, values
+        self.keys.shared_prefix = self
+        return self.keys, self.values
 
     def expand(self) -> None:
         """From here on a DynamicLayer: the prefix copied to every row, before the rows' own positions."""
