@@ -27,7 +27,7 @@ from detoxrl.rewards import (
     reward_from_logits,
     reward_from_probability,
 )
-from detoxrl.rewards.composite import Reward
+from detoxrl.rewards.composite import Reward, sentences
 from detoxrl.rewards.fidelity import rouge_l
 from detoxrl.rewards.novelty import bigram_novelty
 from tiny import save_tiny_classifier
@@ -334,6 +334,35 @@ def test_reward_scores_the_response_or_query_and_response():
     assert scorer.seen == ["r1", "r2"]
     reward_of(scorer, score_query=True)(["q1", "q2"], ["r1", "r2"])
     assert scorer.seen == ["q1 r1", "q2 r2"]
+
+
+def test_sentences_split_after_stops_closing_quotes_and_line_breaks():
+    assert sentences('It broke. "You idiot!" he said.  Then\nshe left') == \
+        ["It broke.", '"You idiot!"', "he said.", "Then", "she left"]
+    assert sentences("") == [""] and sentences("no stop") == ["no stop"]
+
+
+def test_reward_of_sentences_is_the_least_clean_sentence_whatever_surrounds_it():
+    scorer = FixedScorer([1.0, -5.0, 2.0, 3.0, 0.5])
+    reward = reward_of(scorer, score_sentences=True)
+    values, _ = reward(["q1", "q2", "q3"], ["Fine. You idiot.", "All good.", ""])
+    assert scorer.seen == ["Fine.", "You idiot.", "All good.", ""]
+    assert values.tolist() == [-5.0, 2.0, 3.0]
+    assert "least clean sentence" in reward.describe()
+
+
+def test_sentence_scoring_removes_what_padding_buys_under_a_whole_text_classifier(profanity):
+    insult = '"You fucking idiot," Person1 said.'
+    padding = "Person1 asks Person2 to fix the washing machine in the shared flat before the weekend. "
+    whole, by_sentence = reward_of(profanity), reward_of(profanity, score_sentences=True)
+    short, padded = [insult], [padding * 3 + insult]
+    assert whole(["q"], padded)[0][0] > whole(["q"], short)[0][0] + 5  # padding buys nats under whole-text scoring
+    assert by_sentence(["q"], padded)[0][0] == pytest.approx(by_sentence(["q"], short)[0][0])
+
+
+def test_score_sentences_and_score_query_cannot_be_combined():
+    with pytest.raises(DetoxError, match="reward.score_sentences .* cannot be combined with reward.score_query"):
+        build_config("smollm2-offline", overrides={"reward.score_sentences": True, "reward.score_query": True}).validate()
 
 
 def test_reward_adds_weighted_novelty_within_the_whole_batch():

@@ -79,6 +79,8 @@ class RewardConfig:
                                  "scorers) | log_odds | prob | log_prob (~0 for any clean text).")
     function: str | None = _f(None, "module:function returning one reward per text (scorer=callable).")
     score_query: bool = _f(False, "Score query + response together, as the recipe did.")
+    score_sentences: bool = _f(False, "Score each sentence and line of the response alone and reward its most toxic "
+                                      "one: an insult costs the same however much clean text surrounds it.")
     fidelity_weight: float = _f(0.0, "Add this weight x ROUGE-L F1 against the prompt's reference response "
                                      "(data.reference_column) to the reward; 0 turns it off.")
     fidelity_content_words: bool = _f(False, "Fidelity's ROUGE-L over content words only (stop words and speaker "
@@ -361,6 +363,9 @@ class Config:
                 raise DetoxError(f"reward.{name} must be 0 or more (a finite number), got {weight}")
         for spec in self.reward.terms:
             parse_reward_term(spec)
+        if self.reward.score_sentences and self.reward.score_query:
+            raise DetoxError("reward.score_sentences scores the response's sentences alone; it cannot be combined "
+                             "with reward.score_query (set one of them to false)")
         if self.reward.fidelity_weight and not self.data.reference_column:
             raise DetoxError("reward.fidelity_weight needs data.reference_column (the reference responses); this data "
                              "has none, so leave the weight at 0: the KL to the reference keeps the text fluent")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ class Reward:
     @classmethod
     def from_config(cls, scorer: Scorer, config: RewardConfig, reference_name: str = "reference") -> Reward:
         """The scorer, then the config's fidelity, novelty and user terms (those with a non-zero weight)."""
-        functions = {"scorer": scorer_term(scorer, config.score_query),
+        functions = {"scorer": scorer_term(scorer, config.score_query, config.score_sentences),
                      "fidelity": fidelity_term(config.fidelity_content_words), "novelty": novelty}
         terms = []
         for name, weight, description in planned_terms(config, reference_name):
@@ -105,11 +106,36 @@ def term_log_key(name: str) -> str:
 # ----------------------------------------------------------------------------------------------- built-in terms
 
 
-def scorer_term(scorer: Scorer, score_query: bool) -> RewardFunction:
+def scorer_term(scorer: Scorer, score_query: bool, score_sentences: bool = False) -> RewardFunction:
     def toxicity(prompts, completions, **kwargs):
+        if score_sentences:
+            return least_rewarded_sentence(scorer, completions)
         return scorer.rewards([f"{p} {c}" for p, c in zip(prompts, completions)] if score_query else completions)
 
     return toxicity
+
+
+# a sentence ends after . ! or ? (and a closing quote or bracket), or at a line break
+_SENTENCE_BREAK = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)\]]))\s+|\n+")
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences and lines of ``text``, stripped; ``[text]`` when it has none (empty or blank)."""
+    return [part for part in map(str.strip, _SENTENCE_BREAK.split(text)) if part] or [text]
+
+
+def least_rewarded_sentence(scorer: Scorer, texts: list[str]) -> np.ndarray:
+    """Each text's reward as its lowest-rewarded sentence's (one scoring call for all sentences).
+
+    A whole-text classifier dilutes an insult in the words around it: profanity-check gives a quoted
+    "you fucking idiot" P(toxic) 1.0 alone and 0.93 inside a 50-word summary, ~11 nats apart in log-odds,
+    so padding a response with clean text pays almost as much as dropping the insult.
+    """
+    split = [sentences(text) for text in texts]
+    scores = np.asarray(scorer.rewards([s for parts in split for s in parts]), dtype=np.float32).reshape(-1)
+    ends = np.cumsum([len(parts) for parts in split])
+    return np.array([chunk.min() for chunk in np.split(scores, ends[:-1])], dtype=np.float32) if texts \
+        else np.zeros(0, dtype=np.float32)
 
 
 def fidelity_term(content_words: bool) -> RewardFunction:
@@ -167,7 +193,9 @@ def planned_terms(config: RewardConfig, reference_name: str = "reference") -> li
     unit = "" if config.scorer == "callable" else f" ({reward_unit(config)})"
     scorer = {"classifier": f"classifier `{config.model}`", "callable": f"`{config.function}`"}.get(
         config.scorer, config.scorer)
-    terms = [("scorer", 1.0, f"{scorer}{unit}{' on query + response' if config.score_query else ''}")]
+    scored = " on query + response" if config.score_query else " of the response's least clean sentence" \
+        if config.score_sentences else ""
+    terms = [("scorer", 1.0, f"{scorer}{unit}{scored}")]
     if config.fidelity_weight:
         words = " over content words" if config.fidelity_content_words else ""
         terms.append(("fidelity", config.fidelity_weight, f"ROUGE-L{words} against the reference {reference_name}"))
