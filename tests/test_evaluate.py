@@ -290,7 +290,7 @@ def test_evaluation_reports_the_composite_reward_that_was_trained(tiny_t5, tiny_
     for side in ("reference", "policy"):
         assert 0 <= evaluation["quality"][side]["specificity"] <= 1
         assert evaluation["guards"][side]["responses"] == 8
-    assert set(evaluation["guards"]["differences"]) == {"specificity", "near_duplicate_rate"}
+    assert set(evaluation["guards"]["differences"]) == {"specificity", "near_duplicate_rate", "copy_rate"}
     assert evaluation["calibration"]["reference summary"]["rougeL"] == pytest.approx(1.0)
     assert evaluation["calibration"]["constant sentence"]["opening_share"] == 1.0
     report = (run.eval / "report.html").read_text()

@@ -3,7 +3,9 @@ that show what a content-free sentence scores."""
 
 import numpy as np
 
-from detoxrl.evaluation.guards import calibration_texts, guard_flags, guard_metrics, near_duplicates, opening
+from detoxrl.evaluation.guards import (
+    calibration_texts, copied_from_source, guard_flags, guard_metrics, near_duplicates, opening,
+)
 from detoxrl.evaluation.stats import quality_metrics
 
 SOURCES = [
@@ -37,6 +39,21 @@ def test_a_prompts_own_samples_are_not_near_duplicates():
     assert not near_duplicates(same_prompt, 2).any()
     across = ["the printer jammed", "the soup was cold", "the printer jammed", "a delayed flight"]
     assert near_duplicates(across, 2).tolist() == [True, False, True, False]
+
+
+def test_a_copy_of_the_dialogue_is_flagged_and_a_summary_with_a_short_quote_is_not():
+    """Specificity scores a copy of the dialogue as highly as a summary; the copy rate tells them apart."""
+    quoting = 'Person1 shouts "you idiot" because Person2 parked in the wrong spot; Person2 moves the car.'
+    responses = [SOURCES[0], SUMMARIES[0], quoting, SOURCES[2], "", "Fine."]
+    sources = [SOURCES[0], SOURCES[0], SOURCES[1], SOURCES[1], SOURCES[2], SOURCES[2]]
+    assert copied_from_source(responses, [SOURCES[0], SOURCES[1], SOURCES[2]], 2).tolist() == \
+        [True, False, False, False, False, False]  # SOURCES[2] copies a dialogue, but not its own
+    copies = guard_metrics(responses, guard_flags(responses, sources[::2], 2))
+    assert copies["copy_rate"] == 1 / 6 and copies["copied_responses"] == 1
+    summaries = guard_metrics(SUMMARIES, guard_flags(SUMMARIES, SOURCES, 1))
+    dialogue = guard_metrics(SOURCES, guard_flags(SOURCES, SOURCES, 1))
+    assert summaries["specificity"] == dialogue["specificity"] == 1.0
+    assert summaries["copy_rate"] == 0.0 and dialogue["copy_rate"] == 1.0
 
 
 def test_calibration_shows_that_rouge_rewards_a_stock_sentence_and_specificity_does_not():

@@ -10,6 +10,9 @@ them optimised them. These measures are computed by no reward term:
   Template collapse ("In this conversation, Person1 ...") raises it.
 * **near-duplicate rate**: the share of responses with a near copy (TF-IDF cosine >= 0.8) among the
   responses to *other* prompts; the k samples of one prompt may agree with each other.
+* **copy rate**: the share of responses that mostly copy their own dialogue (at least half of their word
+  4-grams appear in it verbatim). Specificity cannot tell a copy of the dialogue from a summary of it, and
+  novelty pays for a copy's dialogue-specific wording; a few quoted words do not make a copy.
 
 Calibration rows score texts whose quality is known: a constant content-free sentence, each dialogue's
 first line, and the reference summary itself, so a reader sees which metrics carry information here.
@@ -20,11 +23,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+import re
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 OPENING_WORDS = 4
 NEAR_DUPLICATE_COSINE = 0.8
+COPY_NGRAM_WORDS = 4
+COPIED_SHARE = 0.5
+_WORD = re.compile(r"\w+")
 
 
 def opening(text: str, words: int = OPENING_WORDS) -> str:
@@ -52,13 +59,32 @@ def near_duplicates(responses: Sequence[str], samples_per_prompt: int,
     return similarity.max(axis=1) >= threshold
 
 
+def word_ngrams(text: str, n: int = COPY_NGRAM_WORDS) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    return set(zip(*(words[i:] for i in range(n))))
+
+
+def copied_from_source(responses: Sequence[str], sources: Sequence[str], samples_per_prompt: int,
+                       share: float = COPIED_SHARE) -> np.ndarray:
+    """Per response (prompt-major, k per source): whether at least ``share`` of its distinct word 4-grams
+    appear verbatim in its own source; a response of fewer than four words copies nothing."""
+    own = [ngrams for ngrams in map(word_ngrams, sources) for _ in range(samples_per_prompt)]
+    copied = []
+    for response, source in zip(responses, own):
+        ngrams = word_ngrams(response)
+        copied.append(bool(ngrams) and len(ngrams & source) >= share * len(ngrams))
+    return np.array(copied, dtype=bool)
+
+
 def guard_flags(responses: Sequence[str], sources: Sequence[str], samples_per_prompt: int) -> dict[str, np.ndarray]:
-    """The per-response guards: specific to its own source, and near-duplicated by another prompt's response."""
+    """The per-response guards: specific to its own source, near-duplicated by another prompt's response, and
+    copied from its own source."""
     return {"specificity": specific_to_source(responses, sources, samples_per_prompt),
-            "near_duplicate_rate": near_duplicates(responses, samples_per_prompt)}
+            "near_duplicate_rate": near_duplicates(responses, samples_per_prompt),
+            "copy_rate": copied_from_source(responses, sources, samples_per_prompt)}
 
 
-GUARDS = ("specificity", "opening_share", "near_duplicate_rate")
+GUARDS = ("specificity", "opening_share", "near_duplicate_rate", "copy_rate")
 
 
 def guard_metrics(responses: Sequence[str], flags: dict[str, np.ndarray]) -> dict:
@@ -66,10 +92,11 @@ def guard_metrics(responses: Sequence[str], flags: dict[str, np.ndarray]) -> dic
     opening itself."""
     openings = Counter(opening(r) for r in responses if r.strip())
     common, count = openings.most_common(1)[0] if openings else ("", 0)
-    specific, copies = flags["specificity"], flags["near_duplicate_rate"]
+    specific, duplicates, copied = flags["specificity"], flags["near_duplicate_rate"], flags["copy_rate"]
     return {"specificity": float(specific.mean()), "specific_responses": int(specific.sum()),
             "opening_share": count / len(responses), "most_common_opening": common, "opening_responses": count,
-            "near_duplicate_rate": float(copies.mean()), "near_duplicate_responses": int(copies.sum()),
+            "near_duplicate_rate": float(duplicates.mean()), "near_duplicate_responses": int(duplicates.sum()),
+            "copy_rate": float(copied.mean()), "copied_responses": int(copied.sum()),
             "responses": len(responses)}
 
 

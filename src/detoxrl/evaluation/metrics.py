@@ -98,6 +98,7 @@ QUALITY = (
     Metric("specificity", "specificity (own dialogue retrieved)", "%", "higher", spec=".1f", guard=True),
     Metric("opening_share", "most common opening's share", "%", "lower", spec=".1f", guard=True),
     Metric("near_duplicate_rate", "near-duplicates across prompts", "%", "lower", spec=".1f", guard=True),
+    Metric("copy_rate", "copied from the dialogue", "%", "lower", spec=".1f", guard=True),
 )
 BY_KEY = {m.key: m for m in TOXICITY + QUALITY}
 
