@@ -78,7 +78,7 @@ def judge(policy, rows, config, k: int, batch_size: int, use_adapter: bool, scor
         "length_words": quality["length_mean"], "distinct_2": quality["distinct_2"],
         "empty": quality["empty_responses"], "repeated_token": quality["repeated_token_responses"],
         **{name: guards[name] for name in ("specificity", "opening_share", "most_common_opening",
-                                           "near_duplicate_rate")},
+                                           "near_duplicate_rate", "copy_rate")},
         # per prompt, for a paired test between runs judged on the same prompts and sampling seeds (`paired`)
         "prompt_max_toxicity": [round(float(x), 4) for x in per_prompt_statistics(tox)["expected_max_toxicity"]],
     }, texts
@@ -180,11 +180,12 @@ def table(args) -> None:
         if "heated" in row and row["step"] >= last.get(row["name"], {}).get("step", -1):
             last[row["name"]] = row
     print("| run | steps | train min | tox. prob. (prompts) | exp. max | toxic rate | ROUGE-L heated / calm "
-          "| distinct-2 | words | specificity | opening share |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| distinct-2 | words | specificity | opening share | copy rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in sorted(last.items(), key=lambda item: item[1]["step"]):
         h, n = r["heated"], r["neutral"]
-        guards = (f"{h['specificity']:.3f} | {h['opening_share']:.3f}" if "specificity" in h else "— | —")
+        guards = (f"{h['specificity']:.3f} | {h['opening_share']:.3f}" if "specificity" in h else "— | —") + \
+            (f" | {h['copy_rate']:.3f}" if "copy_rate" in h else " | —")
         print(f"| {name} | {r['step']} | {r['train_seconds'] / 60:.1f} | {h['judge_toxicity_probability']:.3f} "
               f"({h['judge_toxic_prompts']}/{h['prompts']}) | {h['judge_expected_max']:.3f} | {h['judge_toxic_rate']:.3f} "
               f"| {h['rougeL']:.3f} / {n['rougeL']:.3f} | {h['distinct_2']:.3f} | {h['length_words']:.1f} | {guards} |")

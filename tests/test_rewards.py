@@ -365,6 +365,16 @@ def test_score_sentences_and_score_query_cannot_be_combined():
         build_config("smollm2-offline", overrides={"reward.score_sentences": True, "reward.score_query": True}).validate()
 
 
+def test_novelty_can_refuse_to_pay_for_bigrams_copied_from_the_prompt():
+    prompts = ["Dialogue: you stupid idiot, fix the sink", "Dialogue: the train is late again"]
+    copy, summary = "you stupid idiot, fix the sink", "a plumber is called about a leak"
+    assert bigram_novelty([copy, summary], prompts).tolist() == [1.0, 1.0]
+    assert bigram_novelty([copy, summary], prompts, exclude_prompt=True).tolist() == [0.0, 1.0]
+    reward = reward_of(FixedScorer([0.0, 0.0]), novelty_weight=1.0, novelty_excludes_prompt=True)
+    assert reward(prompts, [copy, summary])[1]["novelty"].tolist() == [0.0, 1.0]
+    assert reward.describe().endswith("bigram novelty (bigrams copied from the prompt excluded)")
+
+
 def test_reward_adds_weighted_novelty_within_the_whole_batch():
     reward = reward_of(FixedScorer([0.5, -1.0]), novelty_weight=2.0)
     batch = {"prompts": ["p0", "p1", "p2"], "completions": ["x y", "a b c", "a b"], "offset": 1}

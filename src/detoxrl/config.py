@@ -88,6 +88,8 @@ class RewardConfig:
                                              "template.")
     novelty_weight: float = _f(0.0, "Add this weight x the share of the response's word bigrams that no response "
                                     "to another prompt of the batch uses (against one stock phrasing); 0 turns it off.")
+    novelty_excludes_prompt: bool = _f(False, "Novelty does not count bigrams the response copies from its own "
+                                              "prompt: copying the dialogue (and its insults) is not new wording.")
     terms: list[str] = _f([], "More reward terms: module:function[=WEIGHT] (weight 1 by default), each a function "
                               "f(prompts, completions, **kwargs) -> list of floats, as TRL's reward functions.")
     batch_size: int = _f(32, "Texts per scoring batch.")

@@ -58,7 +58,8 @@ class Reward:
     def from_config(cls, scorer: Scorer, config: RewardConfig, reference_name: str = "reference") -> Reward:
         """The scorer, then the config's fidelity, novelty and user terms (those with a non-zero weight)."""
         functions = {"scorer": scorer_term(scorer, config.score_query, config.score_sentences),
-                     "fidelity": fidelity_term(config.fidelity_content_words), "novelty": novelty}
+                     "fidelity": fidelity_term(config.fidelity_content_words),
+                     "novelty": novelty_term(config.novelty_excludes_prompt)}
         terms = []
         for name, weight, description in planned_terms(config, reference_name):
             function = functions.get(name) or import_function(name, "reward.terms")
@@ -147,12 +148,15 @@ def fidelity_term(content_words: bool) -> RewardFunction:
     return fidelity
 
 
-def novelty(prompts, completions, batch=None, **kwargs):
-    """Novelty within the whole batch (all processes' completions) when given, else within these completions."""
-    if batch is None:
-        return bigram_novelty(completions, prompts)
-    start = batch["offset"]
-    return bigram_novelty(batch["completions"], batch["prompts"])[start : start + len(completions)]
+def novelty_term(exclude_prompt: bool) -> RewardFunction:
+    def novelty(prompts, completions, batch=None, **kwargs):
+        """Novelty within the whole batch (all processes' completions) when given, else within these completions."""
+        if batch is None:
+            return bigram_novelty(completions, prompts, exclude_prompt)
+        start = batch["offset"]
+        return bigram_novelty(batch["completions"], batch["prompts"], exclude_prompt)[start : start + len(completions)]
+
+    return novelty
 
 
 # ----------------------------------------------------------------------------------------------- checks and names
@@ -200,7 +204,8 @@ def planned_terms(config: RewardConfig, reference_name: str = "reference") -> li
         words = " over content words" if config.fidelity_content_words else ""
         terms.append(("fidelity", config.fidelity_weight, f"ROUGE-L{words} against the reference {reference_name}"))
     if config.novelty_weight:
-        terms.append(("novelty", config.novelty_weight, "bigram novelty"))
+        copied = " (bigrams copied from the prompt excluded)" if config.novelty_excludes_prompt else ""
+        terms.append(("novelty", config.novelty_weight, f"bigram novelty{copied}"))
     for spec in config.terms:
         function_spec, weight = parse_reward_term(spec)
         terms.append((function_spec, weight, f"`{function_spec}`"))

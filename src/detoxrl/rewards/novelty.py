@@ -23,8 +23,10 @@ def word_bigrams(text: str) -> set[tuple[str, str]]:
     return set(zip(words, words[1:]))
 
 
-def bigram_novelty(responses: list[str], prompts: list[str]) -> np.ndarray:
-    """Share of each response's distinct word bigrams used by no response to a different prompt, in [0, 1].
+def bigram_novelty(responses: list[str], prompts: list[str], exclude_prompt: bool = False) -> np.ndarray:
+    """Share of each response's distinct word bigrams used by no response to a different prompt, in [0, 1];
+    with ``exclude_prompt``, only those not copied from its own prompt count, so copying the dialogue's lines
+    (and the insults in them) earns no novelty.
 
     A response with no bigram (empty or one word) scores 0: it has nothing of its own to say.
     """
@@ -36,5 +38,6 @@ def bigram_novelty(responses: list[str], prompts: list[str]) -> np.ndarray:
         by_prompt.setdefault(prompt, set()).update(own)
     # how many prompts' responses use each bigram: a bigram of prompt P is elsewhere when that count exceeds 1
     prompts_using = Counter(b for own in by_prompt.values() for b in own)
-    return np.array([sum(prompts_using[b] == 1 for b in own) / len(own) if own else 0.0 for own in bigrams],
-                    dtype=np.float32)
+    copied = {prompt: word_bigrams(prompt) for prompt in by_prompt} if exclude_prompt else {}
+    return np.array([sum(prompts_using[b] == 1 and b not in copied.get(prompt, ()) for b in own) / len(own)
+                     if own else 0.0 for own, prompt in zip(bigrams, prompts)], dtype=np.float32)
