@@ -1,5 +1,7 @@
 """Decoding with one copy of each prompt's key/value cache (detoxrl.shared_prefix)."""
 
+import gc
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +36,19 @@ def layer_with(prefix_keys, prefix_values, reserve, attention=ATTENTION):
     return SharedPrefixLayer(source, ROWS, reserve, SimpleNamespace(_attn_implementation=attention))
 
 
+def test_a_layer_and_its_keys_are_freed_without_the_cyclic_collector():
+    """A cycle between the layer and its tagged keys held every step's cache until a full collection ran."""
+    layer = layer_with(torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8), reserve=4)
+    keys, _ = layer.update(torch.randn(len(ROWS), 2, 1, 8), torch.randn(len(ROWS), 2, 1, 8))
+    buffer = weakref.ref(layer.key_buffer)
+    gc.disable()
+    try:
+        del layer, keys
+        assert buffer() is None
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("new,padded", [(1, True), (3, True), (3, False)])
 def test_attention_equals_attention_over_the_expanded_cache(new, padded):
     """Scores against the prompt's keys and the row's own, one softmax: SDPA's result over every row's full
@@ -44,7 +59,7 @@ def test_attention_equals_attention_over_the_expanded_cache(new, padded):
     layer = layer_with(prefix_keys, prefix_values, reserve=6)
     layer.update(torch.randn(rows, heads, 2, dim), torch.randn(rows, heads, 2, dim))
     keys, values = layer.update(torch.randn(rows, heads, new, dim), torch.randn(rows, heads, new, dim))
-    assert keys.shared_prefix is layer and layer.get_seq_length() == prefix + 2 + new
+    assert keys.shared_prefix() is layer and layer.get_seq_length() == prefix + 2 + new
     full_keys = torch.cat([prefix_keys[ROWS], keys], dim=-2)
     full_values = torch.cat([prefix_values[ROWS], values], dim=-2)
     length = full_keys.shape[-2]
