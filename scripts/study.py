@@ -184,8 +184,8 @@ def table(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in sorted(last.items(), key=lambda item: item[1]["step"]):
         h, n = r["heated"], r["neutral"]
-        guards = (f"{h['specificity']:.3f} | {h['opening_share']:.3f}" if "specificity" in h else "— | —") + \
-            (f" | {h['copy_rate']:.3f}" if "copy_rate" in h else " | —")
+        guards = " | ".join(f"{h[key]:.3f}" if key in h else "—"
+                            for key in ("specificity", "opening_share", "copy_rate"))
         print(f"| {name} | {r['step']} | {r['train_seconds'] / 60:.1f} | {h['judge_toxicity_probability']:.3f} "
               f"({h['judge_toxic_prompts']}/{h['prompts']}) | {h['judge_expected_max']:.3f} | {h['judge_toxic_rate']:.3f} "
               f"| {h['rougeL']:.3f} / {n['rougeL']:.3f} | {h['distinct_2']:.3f} | {h['length_words']:.1f} | {guards} |")

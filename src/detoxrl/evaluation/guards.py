@@ -23,15 +23,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-import re
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
+
+from ..rewards.novelty import word_ngrams
 
 OPENING_WORDS = 4
 NEAR_DUPLICATE_COSINE = 0.8
 COPY_NGRAM_WORDS = 4
 COPIED_SHARE = 0.5
-_WORD = re.compile(r"\w+")
 
 
 def opening(text: str, words: int = OPENING_WORDS) -> str:
@@ -59,19 +59,14 @@ def near_duplicates(responses: Sequence[str], samples_per_prompt: int,
     return similarity.max(axis=1) >= threshold
 
 
-def word_ngrams(text: str, n: int = COPY_NGRAM_WORDS) -> set[tuple[str, ...]]:
-    words = _WORD.findall(text.lower())
-    return set(zip(*(words[i:] for i in range(n))))
-
-
 def copied_from_source(responses: Sequence[str], sources: Sequence[str], samples_per_prompt: int,
                        share: float = COPIED_SHARE) -> np.ndarray:
     """Per response (prompt-major, k per source): whether at least ``share`` of its distinct word 4-grams
     appear verbatim in its own source; a response of fewer than four words copies nothing."""
-    own = [ngrams for ngrams in map(word_ngrams, sources) for _ in range(samples_per_prompt)]
+    own = [word_ngrams(source, COPY_NGRAM_WORDS) for source in sources for _ in range(samples_per_prompt)]
     copied = []
     for response, source in zip(responses, own):
-        ngrams = word_ngrams(response)
+        ngrams = word_ngrams(response, COPY_NGRAM_WORDS)
         copied.append(bool(ngrams) and len(ngrams & source) >= share * len(ngrams))
     return np.array(copied, dtype=bool)
 

@@ -45,8 +45,8 @@ JUDGE_PACKAGES = {"hatesonar": "hatesonar", "profanity-check": "alt-profanity-ch
 # What a bar may be set on: the judge's toxicity figures (policy vs reference) and the quality metrics.
 TOXICITY_BARS = ("toxicity_probability", "toxic_rate", "expected_max_toxicity", "mean_toxicity")
 QUALITY_BARS = ("specificity", "opening_share", "near_duplicate_rate", "copy_rate", "distinct_2",
-                "distinct_2_per_prompt", "rougeL", "perplexity", "perplexity_fluency_model", "length_mean", "empty_responses",
-                "repeated_token_responses")
+                "distinct_2_per_prompt", "rougeL", "perplexity", "perplexity_fluency_model", "length_mean",
+                "empty_responses", "repeated_token_responses")
 BAR_KINDS = {"max_relative_change", "min_ratio", "max_ratio", "max"}
 SAMPLING = ("max_new_tokens", "temperature", "top_p")  # evaluation sampling: eval.* of the same names
 REQUIRED = ("name", "version", "dataset", "id_column", "text_column", "toxicity_ids", "samples_per_prompt",

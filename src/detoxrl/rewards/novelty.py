@@ -17,10 +17,14 @@ import numpy as np
 _WORD = re.compile(r"\w+")
 
 
-def word_bigrams(text: str) -> set[tuple[str, str]]:
-    """The distinct lower-cased word bigrams of a text."""
+def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """The distinct lower-cased word n-grams of a text."""
     words = _WORD.findall(text.lower())
-    return set(zip(words, words[1:]))
+    return set(zip(*(words[i:] for i in range(n))))
+
+
+def word_bigrams(text: str) -> set[tuple[str, ...]]:
+    return word_ngrams(text, 2)
 
 
 def bigram_novelty(responses: list[str], prompts: list[str], exclude_prompt: bool = False) -> np.ndarray:
