@@ -1,5 +1,7 @@
 """Loading, the adapter-disabled reference, padding sides, and save/load symmetry."""
 
+import contextlib
+
 import pytest
 import torch
 from plain import plain_logits, plain_scores
@@ -168,6 +170,46 @@ def test_shared_prompts_give_the_same_pass_and_gradients(model, request):
     assert any(g.abs().sum() > 0 for g in grads.values())
     for name, grad in grads.items():
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_recomputed_prompt_layers_give_the_same_pass_and_gradients_to_the_bit(model, request, monkeypatch):
+    """A training pass keeps only the prompt layers' inputs and recomputes the rest in the backward pass:
+    the logits and every LoRA gradient are those of the pass that keeps all, bit for bit, and what the
+    forward pass saves for backward shrinks."""
+    policy = load_policy(ModelConfig(name_or_path=str(request.getfixturevalue(model))))
+    perturb_adapter(policy)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    query = policy.tokenize_prompts(prompts, 64, "cpu")
+    response = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0], [5, 9, 1, 0]])
+    base = policy.model.get_base_model()
+    # the first prompt layer's first norm: run through __call__, so its hooks also see the replay
+    first_norm = base.get_encoder().block[0].layer[0].layer_norm if model == "tiny_t5" \
+        else base.model.layers[0].input_layernorm
+    results = []
+    for recompute in (True, False):
+        if not recompute:
+            monkeypatch.setattr(detoxrl.policy, "recomputed_layers", lambda *args: contextlib.nullcontext())
+        saved, calls = [], []
+        handle = first_norm.register_forward_hook(lambda module, args, out: calls.append(1))
+        policy.model.zero_grad()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+                out = forward_response(policy.model, query["input_ids"], query["attention_mask"], response)
+            calls_in_forward = len(calls)
+            logits = plain_logits(out.hidden, out.head)
+            logits.logsumexp(-1).sum().backward()
+        finally:
+            handle.remove()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+        results.append((logits.detach(), grads, sum(saved), len(calls) - calls_in_forward))
+    (logits, grads, saved, replays), (kept_logits, kept_grads, kept_saved, kept_replays) = results
+    assert torch.equal(logits, kept_logits)
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        assert torch.equal(grad, kept_grads[name]), name
+    assert (replays, kept_replays) == (1, 0)  # replayed once, in the backward pass
+    assert saved < 0.75 * kept_saved
 
 
 @pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
