@@ -1,7 +1,5 @@
 """Loading, the adapter-disabled reference, padding sides, and save/load symmetry."""
 
-import contextlib
-
 import pytest
 import torch
 from plain import plain_logits, plain_scores
@@ -173,9 +171,9 @@ def test_shared_prompts_give_the_same_pass_and_gradients(model, request):
 
 
 @pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
-def test_recomputed_prompt_layers_give_the_same_pass_and_gradients_to_the_bit(model, request, monkeypatch):
-    """A training pass keeps only the prompt layers' inputs and recomputes the rest in the backward pass:
-    the logits and every LoRA gradient are those of the pass that keeps all, bit for bit, and what the
+def test_recomputed_prompt_layers_give_the_same_pass_and_gradients_to_the_bit(model, request):
+    """With model.recompute_prompts a training pass keeps only the prompt layers' inputs and recomputes the
+    rest in the backward pass: the logits and every LoRA gradient are those of the pass that keeps all, bit for bit, and what the
     forward pass saves for backward shrinks."""
     policy = load_policy(ModelConfig(name_or_path=str(request.getfixturevalue(model))))
     perturb_adapter(policy)
@@ -188,14 +186,13 @@ def test_recomputed_prompt_layers_give_the_same_pass_and_gradients_to_the_bit(mo
         else base.model.layers[0].input_layernorm
     results = []
     for recompute in (True, False):
-        if not recompute:
-            monkeypatch.setattr(detoxrl.policy, "recomputed_layers", lambda *args: contextlib.nullcontext())
         saved, calls = [], []
         handle = first_norm.register_forward_hook(lambda module, args, out: calls.append(1))
         policy.model.zero_grad()
         try:
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
-                out = forward_response(policy.model, query["input_ids"], query["attention_mask"], response)
+                out = forward_response(policy.model, query["input_ids"], query["attention_mask"], response,
+                                       recompute_prompts=recompute)
             calls_in_forward = len(calls)
             logits = plain_logits(out.hidden, out.head)
             logits.logsumexp(-1).sum().backward()

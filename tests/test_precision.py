@@ -219,3 +219,31 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(model, requ
     # the computation (dropout on, say) would make.
     for name, weights in plain_lora.items():
         torch.testing.assert_close(checkpointed_lora[name], weights, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_recomputed_prompts_give_the_same_update_to_the_bit(model, request, tmp_path):
+    """One PPO step with model.recompute_prompts and without: the same statistics and LoRA weights to the bit,
+    and the first prompt layer's attention runs once more with gradients in each of the 2 mini-batches."""
+    results = []
+    for recompute in (False, True):
+        config = config_for(request.getfixturevalue(model), tmp_path, **{
+            "model.recompute_prompts": recompute, "rl.learning_rate": 1e-2, "rl.batch_size": 4,
+            "generation.max_new_tokens": 6})
+        torch.manual_seed(0)
+        policy = load_policy(config.model)
+        trainer = RLTrainer(config, policy, ThanksShare(), PROMPTS)
+        attention = next(m for n, m in policy.model.named_modules() if n.endswith(("layer.0.SelfAttention",
+                                                                                    "layers.0.self_attn")))
+        calls = []
+        attention.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        stats = trainer.step(trainer.batch_prompts(0))
+        lora = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+        results.append((stats, lora, calls.count(True)))
+    (plain, plain_lora, plain_calls), (recomputed, recomputed_lora, recomputed_calls) = results
+    assert recomputed_calls == plain_calls + 2
+    assert {k: v for k, v in recomputed.items() if not k.startswith("time/")} == \
+        {k: v for k, v in plain.items() if not k.startswith("time/")}
+    assert any(not torch.equal(w, torch.zeros_like(w)) for w in recomputed_lora.values())
+    for name, weights in plain_lora.items():
+        assert torch.equal(recomputed_lora[name], weights), name

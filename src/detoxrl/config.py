@@ -55,6 +55,9 @@ class ModelConfig:
                                "has fast bf16 matmuls, else float32). LoRA, value head and losses stay float32.")
     gradient_checkpointing: bool = _f(False, "Recompute each layer's activations in the backward pass: less "
                                              "memory in the update, one more forward pass of time.")
+    recompute_prompts: bool = _f(False, "Recompute the prompts' layer activations in the update's backward pass, "
+                                        "one layer at a time: much less memory where prompts are long and responses "
+                                        "short, for one more forward pass over the prompts.")
 
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -179,9 +179,9 @@ class ForwardOutput:
 class PolicyModule(nn.Module):
     """One module holding the PEFT model and, for PPO, the value head, so DDP and optimisers see both."""
 
-    def __init__(self, model: PeftModel, value_head: ValueHead | None = None):
+    def __init__(self, model: PeftModel, value_head: ValueHead | None = None, recompute_prompts: bool = False):
         super().__init__()
-        self.model, self.value_head = model, value_head
+        self.model, self.value_head, self.recompute_prompts = model, value_head, recompute_prompts
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -195,7 +195,7 @@ class PolicyModule(nn.Module):
     ) -> ForwardOutput:
         with self.checkpointing_in_eval_mode() as recomputing:
             return forward_response(self.model, query_ids, query_mask, response_ids, self.value_head,
-                                    share_prompts=not recomputing)
+                                    share_prompts=not recomputing, recompute_prompts=self.recompute_prompts)
 
     @contextlib.contextmanager
     def checkpointing_in_eval_mode(self):
@@ -234,7 +234,8 @@ def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, inverse
 
 
-def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, reserve: int = 0) -> dict:
+def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, reserve: int = 0,
+                   recompute: bool = False) -> dict:
     """The prompt's part of a pass, computed once per distinct prompt and expanded to every row.
 
     The k responses of a prompt share it, and on a small model the prompt is most of the work.
@@ -246,6 +247,9 @@ def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.
     by sampling and by teacher-forced passes, so that both attend alike whatever their batches), otherwise
     :class:`ReservedLayer` (sampling only).
 
+    ``recompute``: where gradients flow, the prompts' layers recompute their activations in the backward pass
+    (:func:`recomputed_layers`).
+
     The cache comes from the decoder's body alone: no logits are wanted, and the LM head applied to the
     last position's strided [rows, 1, H] slice computes, on CPU in bf16, about the logits of every
     prompt position (~1.8 GB and 3.4 s for 32 prompts of 226 tokens; docs/performance.md).
@@ -253,11 +257,11 @@ def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.
     first, inverse = distinct_rows(torch.cat([query_ids, query_mask], dim=1))
     ids, mask = query_ids[first], query_mask[first]
     if model.config.is_encoder_decoder:
-        with recomputed_layers(model.get_encoder(), model.config):
+        with recomputed_layers(model.get_encoder(), model.config) if recompute else contextlib.nullcontext():
             encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
         return {"encoder_outputs": BaseModelOutput(last_hidden_state=encoded.last_hidden_state[inverse])}
     positions = position_ids(mask)
-    with recomputed_layers(model.get_decoder(), model.config):
+    with recomputed_layers(model.get_decoder(), model.config) if recompute else contextlib.nullcontext():
         out = model.get_decoder()(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                                   position_ids=positions[:, :-1], use_cache=True)
     cache = out[CACHE_KEY]
@@ -361,16 +365,18 @@ def forward_response(
     response_ids: torch.Tensor,
     value_head: ValueHead | None = None,
     share_prompts: bool = True,
+    recompute_prompts: bool = False,
 ) -> ForwardOutput:
     """Teacher-forced pass over (query, response): the LM head's input and the head (and values) at each
     response step.
 
-    ``share_prompts`` encodes each distinct prompt once (:func:`encode_prompts`); layers that
-    recompute their activations (gradient checkpointing) drop caches, so they pass False.
+    ``share_prompts`` encodes each distinct prompt once (:func:`encode_prompts`, whose layers recompute their
+    activations in the backward pass with ``recompute_prompts``); layers that recompute their activations
+    (gradient checkpointing) drop caches, so they pass False.
     """
     with head_inputs_as_logits(model) as head:
         head_input, hidden = _teacher_forced(model, query_ids, query_mask, response_ids, value_head is not None,
-                                             share_prompts)
+                                             share_prompts, recompute_prompts)
     values = value_head(hidden) if value_head is not None else None
     return ForwardOutput(hidden=head_input, head=head, values=values)
 
@@ -403,12 +409,14 @@ def head_inputs_as_logits(model: nn.Module):
             base.final_logits_bias = extra
 
 
-def _teacher_forced(model, query_ids, query_mask, response_ids, hidden_states: bool, share_prompts: bool):
+def _teacher_forced(model, query_ids, query_mask, response_ids, hidden_states: bool, share_prompts: bool,
+                    recompute_prompts: bool):
     """(the head's input, the last hidden state or None) at each response step."""
     T = response_ids.shape[1]
     if model.config.is_encoder_decoder:
         start = torch.full_like(response_ids[:, :1], model.config.decoder_start_token_id)
-        prompt = encode_prompts(model, query_ids, query_mask) if share_prompts else {"input_ids": query_ids}
+        prompt = encode_prompts(model, query_ids, query_mask, recompute=recompute_prompts) if share_prompts \
+            else {"input_ids": query_ids}
         out = model(
             **prompt,
             attention_mask=query_mask,
@@ -429,7 +437,8 @@ def _teacher_forced(model, query_ids, query_mask, response_ids, hidden_states: b
                 position_ids=positions,
                 output_hidden_states=hidden_states,
                 use_cache=True,
-                **encode_prompts(model, query_ids, query_mask, reserve=T if supports_shared_prefix(model) else 0),
+                **encode_prompts(model, query_ids, query_mask, reserve=T if supports_shared_prefix(model) else 0,
+                                 recompute=recompute_prompts),
             )
         head_input = out.logits
         hidden = out.hidden_states[-1] if hidden_states else None
@@ -616,7 +625,7 @@ def load_policy(config: ModelConfig, adapter: str | Path | None = None, device: 
     if config.reference:
         reference = load_base(resolve_model_location(ModelConfig(name_or_path=config.reference), dtype),
                               config.trust_remote_code, dtype).eval().requires_grad_(False)
-    module = PolicyModule(model, value_head).eval()
+    module = PolicyModule(model, value_head, config.recompute_prompts).eval()
     return Policy(module, tokenizer, config, reference)
 
 
