@@ -257,11 +257,11 @@ def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.
     first, inverse = distinct_rows(torch.cat([query_ids, query_mask], dim=1))
     ids, mask = query_ids[first], query_mask[first]
     if model.config.is_encoder_decoder:
-        with recomputed_layers(model.get_encoder(), model.config) if recompute else contextlib.nullcontext():
+        with recomputed_layers(model.get_encoder(), model.config, recompute):
             encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
         return {"encoder_outputs": BaseModelOutput(last_hidden_state=encoded.last_hidden_state[inverse])}
     positions = position_ids(mask)
-    with recomputed_layers(model.get_decoder(), model.config) if recompute else contextlib.nullcontext():
+    with recomputed_layers(model.get_decoder(), model.config, recompute):
         out = model.get_decoder()(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                                   position_ids=positions[:, :-1], use_cache=True)
     cache = out[CACHE_KEY]
@@ -276,8 +276,8 @@ def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.
 
 
 @contextlib.contextmanager
-def recomputed_layers(module: nn.Module, config):
-    """Within it, where gradients flow, each transformer layer of ``module`` keeps only its inputs for the
+def recomputed_layers(module: nn.Module, config, enabled: bool = True):
+    """Within it (if ``enabled``), where gradients flow, each transformer layer of ``module`` keeps only its inputs for the
     backward pass and recomputes the rest there, one layer at a time.
 
     A training pass encodes each distinct prompt of its micro-batch (the main job: up to 4 prompts of up to
@@ -288,7 +288,7 @@ def recomputed_layers(module: nn.Module, config):
     prompt's pass exists to fill: here the first pass writes the cache, and the replay writes to a fresh
     empty one (the prompt's cache starts empty, so the replay attends over the same keys).
     """
-    if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters()):
+    if not enabled or not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters()):
         yield
         return
     layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
