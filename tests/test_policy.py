@@ -173,8 +173,8 @@ def test_shared_prompts_give_the_same_pass_and_gradients(model, request):
 @pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
 def test_recomputed_prompt_layers_give_the_same_pass_and_gradients_to_the_bit(model, request):
     """With model.recompute_prompts a training pass keeps only the prompt layers' inputs and recomputes the
-    rest in the backward pass: the logits and every LoRA gradient are those of the pass that keeps all, bit for bit, and what the
-    forward pass saves for backward shrinks."""
+    rest in the backward pass: the logits and every LoRA gradient are those of the pass that keeps all, bit for
+    bit, and what the forward pass saves for backward shrinks."""
     policy = load_policy(ModelConfig(name_or_path=str(request.getfixturevalue(model))))
     perturb_adapter(policy)
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]

@@ -277,8 +277,8 @@ def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.
 
 @contextlib.contextmanager
 def recomputed_layers(module: nn.Module, config, enabled: bool = True):
-    """Within it (if ``enabled``), where gradients flow, each transformer layer of ``module`` keeps only its inputs for the
-    backward pass and recomputes the rest there, one layer at a time.
+    """Within it (if ``enabled``), where gradients flow, each transformer layer of ``module`` keeps only its
+    inputs for the backward pass and recomputes the rest there, one layer at a time.
 
     A training pass encodes each distinct prompt of its micro-batch (the main job: up to 4 prompts of up to
     ~300 tokens, against 8 responses of 40), and their activations were most of training's peak: the main
