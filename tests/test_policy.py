@@ -121,6 +121,31 @@ def test_save_and_reload(tiny_llama, tmp_path):
     assert again.module.value_head.summary.bias.item() == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("model, auto", [("tiny_t5", AutoModelForSeq2SeqLM), ("tiny_llama", AutoModelForCausalLM)])
+def test_weights_converted_while_loading_are_read_not_mapped(model, auto, request, monkeypatch):
+    """An fp32 checkpoint loaded into bf16 is read tensor by tensor (no mapped fp32 file beside the bf16 copy),
+    to the same weights as a mapped load; an fp32 load keeps the mapping."""
+    import transformers.modeling_utils as modeling_utils
+
+    path = request.getfixturevalue(model)
+    backends, original = [], modeling_utils.safe_open
+
+    def recording(*args, **kwargs):
+        backends.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "safe_open", recording)
+    read = detoxrl.policy.load_base(str(path), False, torch.bfloat16)
+    assert backends == ["pread"] and modeling_utils.safe_open is recording
+    mapped = auto.from_pretrained(path, dtype=torch.bfloat16)
+    assert backends == ["pread", "mmap"]
+    weights = mapped.state_dict()
+    assert {k: v.dtype for k, v in read.state_dict().items()} == {k: v.dtype for k, v in weights.items()}
+    assert all(torch.equal(v, weights[k]) for k, v in read.state_dict().items())
+    detoxrl.policy.load_base(str(path), False, torch.float32)
+    assert backends[-1] == "mmap"
+
+
 def test_loading_errors(tmp_path):
     with pytest.raises(DetoxError, match="does not exist"):
         load_policy(ModelConfig(name_or_path=str(tmp_path / "missing")))
