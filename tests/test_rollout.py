@@ -20,6 +20,17 @@ def test_seeded_sampler_samples_the_softmax():
     assert torch.allclose(sampler.logprobs[0], torch.log(expected[sampler(None, logits).argmax()]))
 
 
+def test_seeded_sampler_records_each_step_from_its_own_scores():
+    """The sampler writes every step into the same buffers: what it recorded at a step stays that step's."""
+    sampler = SeededSampler([1, 2, 3], 0.7, torch.device("cpu"), record_model_logprobs=True)
+    steps = [torch.randn(3, 50, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    chosen = [sampler(None, scores.clone()).argmax(-1, keepdim=True) for scores in steps]
+    for scores, token, logp, model_logp in zip(steps, chosen, sampler.logprobs, sampler.model_logprobs):
+        torch.testing.assert_close(logp, (scores / 0.7).log_softmax(-1).gather(-1, token).squeeze(-1))
+        torch.testing.assert_close(model_logp, scores.log_softmax(-1).gather(-1, token).squeeze(-1))
+    assert len({tuple(token.flatten().tolist()) for token in chosen}) > 1
+
+
 def test_sample_seeds_are_distinct_and_stable():
     seeds = sample_seeds(0, 5, count=8)
     assert len(set(seeds)) == 8
