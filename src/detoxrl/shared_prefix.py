@@ -148,20 +148,21 @@ class SharedPrefixLayer(DynamicLayer):
         super().crop(tokens_to_remove)
 
 
-def _grouped(states: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """[B, H, n, X] rows -> [P, H, kmax * n, X], each prompt's rows side by side (padding rows zero)."""
-    rows, heads, n, last = states.shape
-    padded = torch.cat([states, states.new_zeros(1, heads, n, last)])
-    prompts, width = members.shape
-    return padded[members.flatten()].view(prompts, width, heads, n, last).transpose(1, 2) \
-        .reshape(prompts, heads, width * n, last)
+def _grouped(states: torch.Tensor, members: torch.Tensor, padding: float = 0.0) -> torch.Tensor:
+    """[B, ...] rows -> [P, kmax, ...], each prompt's rows together; padding rows hold ``padding``."""
+    return torch.cat([states, states.new_full((1, *states.shape[1:]), padding)])[members]
 
 
-def _ungrouped(states: torch.Tensor, width: int, slots: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`_grouped`: [P, H, kmax * n, X] -> [B, H, n, X]."""
-    prompts, heads, wide, last = states.shape
-    return states.view(prompts, heads, width, wide // width, last).transpose(1, 2) \
-        .reshape(prompts * width, heads, wide // width, last)[slots]
+def _mask_in_prompt_layout(mask: torch.Tensor, members: torch.Tensor, heads: int, group: int) -> torch.Tensor:
+    """SDPA's mask ([q, L], or [B or 1, 1 or Hq, q, L]) for scores in :func:`attend`'s layout
+    [P, H, kmax, Hq / H, q, L]; padding rows attend to every position."""
+    if mask.dim() == 2:
+        return mask
+    per_head = (heads, group) if mask.shape[1] > 1 else (1, 1)
+    if mask.shape[0] == 1:
+        return mask[0].view(per_head[0], 1, per_head[1], *mask.shape[-2:])
+    padding = True if mask.dtype == torch.bool else 0.0
+    return _grouped(mask, members, padding).view(*members.shape, *per_head, *mask.shape[-2:]).transpose(1, 2)
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -189,24 +190,38 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
 def attend(query, keys, values, prefix_keys, prefix_values, mask, members, slots, scaling: float) -> torch.Tensor:
     """Softmax attention of ``query`` [B, Hq, q, D] over each row's prompt (``prefix_*`` [P, H, Lp, D], the rows
     of prompt p being ``members[p]``) followed by its own ``keys``/``values`` [B, H, t, D], in fp32; GQA when
-    Hq > H. Returns [B, q, Hq, D] in the query's dtype, as transformers' attention functions do."""
+    Hq > H. Returns [B, q, Hq, D] in the query's dtype, as transformers' attention functions do.
+
+    Scores and probabilities live in the prompts' layout [P, H, kmax, Hq / H * q, Lp + t], where each prompt's
+    rows meet its keys in one matrix product; only the small query and output tensors change layout (a
+    teacher-forced pass of 128 rows scores ~340 positions per query: copying those tensors between layouts was
+    about half of evaluation's reference pass in bf16).
+    """
     rows, query_heads, length, dim = query.shape
-    heads = keys.shape[1]
-    per_head = query_heads // heads * length  # GQA: the query heads that share a key head, times positions
-    queries = query.float().reshape(rows, heads, per_head, dim)
-    width = members.shape[1]
-    prefix_scores = _ungrouped(_grouped(queries, members) @ prefix_keys.transpose(-1, -2), width, slots)
-    scores = torch.cat([prefix_scores, queries @ keys.transpose(-1, -2)], dim=-1)
-    scores = scores.view(rows, query_heads, length, -1) * scaling
+    heads, prefix = keys.shape[1], prefix_keys.shape[-2]
+    group = query_heads // heads  # GQA: the query heads that share a key head
+    prompts, width = members.shape
+    queries = _grouped(query.float().reshape(rows, heads, group * length, dim), members)  # [P, kmax, H, n, D]
+    prefix_scores = queries.transpose(1, 2).reshape(prompts, heads, width * group * length, dim) \
+        @ prefix_keys.transpose(-1, -2)
+    own_scores = queries @ _grouped(keys, members).transpose(-1, -2)  # [P, kmax, H, n, t]
+    scores = torch.cat([prefix_scores.view(prompts, heads, width, group * length, prefix),
+                        own_scores.transpose(1, 2)], dim=-1).mul_(scaling)
     if mask is None and length > 1:  # causal among the new positions
         mask = torch.ones(length, scores.shape[-1], dtype=torch.bool, device=scores.device) \
             .tril(scores.shape[-1] - length)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = scores.softmax(dim=-1).view(rows, heads, per_head, -1)
-    prefix = prefix_keys.shape[-2]
-    out = probs[..., prefix:] @ values + _ungrouped(_grouped(probs[..., :prefix], members) @ prefix_values, width,
-                                                    slots)
+        scores6 = scores.view(prompts, heads, width, group, length, -1)
+        mask = _mask_in_prompt_layout(mask, members, heads, group)
+        if mask.dtype == torch.bool:
+            scores6.masked_fill_(~mask, float("-inf"))
+        else:
+            scores6.add_(mask)
+    probs = scores.softmax(dim=-1)
+    out = (probs[..., prefix:].transpose(1, 2) @ _grouped(values, members)).transpose(1, 2) \
+        + (probs.view(prompts, heads, width * group * length, -1)[..., :prefix] @ prefix_values) \
+        .view(prompts, heads, width, group * length, dim)
+    out = out.transpose(1, 2).reshape(prompts * width, heads, group * length, dim)[slots]
     return out.view(rows, query_heads, length, dim).transpose(1, 2).to(query.dtype).contiguous()
 
 
