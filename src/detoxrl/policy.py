@@ -553,8 +553,8 @@ def hidden_size(config) -> int:
 
 
 def load_base(location: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The base model in ``dtype``; weights converted on the way in are read, not mapped
-    (:func:`checkpoints_read_not_mapped`)."""
+    """The base model in ``dtype``; a load into any dtype but fp32 reads its files rather than mapping them
+    (:func:`checkpoints_read_not_mapped`: a checkpoint stored in fp32 is converted on the way in)."""
     model_config = load_pretrained(
         AutoConfig.from_pretrained, location, "model", trust_remote_code=trust_remote_code
     )
