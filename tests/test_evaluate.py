@@ -13,6 +13,7 @@ from detoxrl.data import build_splits, run_splits
 from detoxrl.errors import DetoxError
 from detoxrl.evaluation import command, evaluate
 from detoxrl.evaluation.evaluate import (
+    Rescoring,
     evaluate_policy,
     held_out_evaluator,
     inference_weights,
@@ -26,9 +27,10 @@ from detoxrl.evaluation.evaluate import (
     select_prompts,
     texts_of,
 )
-from detoxrl.policy import load_policy
+from detoxrl.policy import PromptPass, load_policy
 from detoxrl.rewards.base import Scorer
 from detoxrl.rl import trainer
+from detoxrl.rl.rollout import reference_logprobs, teacher_forced_logprobs
 from detoxrl.rl.trainer import build_accelerator
 from detoxrl.rundir import RunDir
 from tiny import tiny_run_config
@@ -86,10 +88,43 @@ def test_merged_sampling_gives_the_same_tokens(model, request, tmp_path):
     for m, u in zip(merged, unmerged):
         assert torch.equal(m.response_ids, u.response_ids)
         torch.testing.assert_close(m.logprobs, u.logprobs, atol=1e-5, rtol=0)  # float rounding only
-    drift = max((p - base[n]).abs().max().item() for n, p in policy.model.named_parameters() if n in base)
-    assert drift < 1e-6  # unmerging restores the base weights up to rounding
+    # the base weights come back to the bit, not up to the rounding of subtracting the update again
+    assert all(torch.equal(p, base[n]) for n, p in policy.model.named_parameters() if n in base)
     kl = response_kl(policy, merged, config)
     assert kl.shape == (6,) and np.all(np.isfinite(kl))
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_llama"])
+def test_reference_rescores_the_policys_responses_from_its_own_prompt_passes(model, request, tmp_path, monkeypatch):
+    """Evaluation's reference re-scores the policy's responses to each batch of prompts from the prompts' pass it
+    sampled that batch with: the log-probs of a separate reference pass to the bit, its own samples unchanged, and
+    one prompts' pass per batch instead of two."""
+    path = request.getfixturevalue(model)
+    policy = perturbed_policy(path)
+    config = tiny_run_config(path, tmp_path, **{"generation.max_new_tokens": 6, "eval.batch_size": 4})
+    generation = config.eval.sampling(config.generation)
+    with inference_weights(policy) as merged:
+        rollouts = sample(policy, merged, PROMPTS, config, samples=2)  # 6 responses: batches of 4 and 2
+    separate = [reference_logprobs(policy, r, generation, len(r.responses), with_model_logprobs=True)
+                for r in rollouts]
+    with policy.reference_model() as reference:
+        plain = sample(policy, reference, PROMPTS, config, 2, record_model_logprobs=True)
+    passes = []
+    construct = PromptPass.__init__
+    monkeypatch.setattr(PromptPass, "__init__", lambda self, *a, **k: (passes.append(self), construct(self, *a, **k))[1])
+    with policy.reference_model() as reference:
+        rescoring = Rescoring(policy, reference, rollouts, config)
+        rescored = sample(policy, reference, PROMPTS, config, 2, record_model_logprobs=True, after_batch=rescoring)
+        with pytest.raises(ValueError, match="computed for other rows"):
+            teacher_forced_logprobs(policy, reference, rollouts[1], generation, prompt_pass=passes[0])
+    assert len(rollouts) == 2 and len(passes) == 2 and rescoring.seconds > 0
+    for r, (logprobs, model_logprobs) in zip(rollouts, separate):
+        assert torch.equal(r.ref_logprobs, logprobs) and torch.equal(r.ref_model_logprobs, model_logprobs)
+    assert texts_of(rescored) == texts_of(plain)
+    assert all(torch.equal(a.logprobs, b.logprobs) and torch.equal(a.model_logprobs, b.model_logprobs)
+               for a, b in zip(rescored, plain))
+    kl, sums, _ = reference_pass(policy, rollouts, config)  # from the recorded log-probs, no pass of its own
+    assert len(passes) == 2 and np.all(np.isfinite(kl)) and np.all(sums > 0)
 
 
 def test_recorded_perplexity_equals_a_teacher_forced_pass(tiny_llama, tmp_path):

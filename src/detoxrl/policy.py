@@ -8,6 +8,7 @@ disabled, so no second copy of the model is held unless the user names a separat
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import inspect
@@ -236,43 +237,77 @@ def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def encode_prompts(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, reserve: int = 0,
                    recompute: bool = False) -> dict:
-    """The prompt's part of a pass, computed once per distinct prompt and expanded to every row.
+    """The prompt's part of a pass, computed once per distinct prompt and expanded to every row: the
+    :class:`PromptPass` of these rows, for one pass (``reserve``: see :meth:`PromptPass.inputs`).
+
+    ``recompute``: where gradients flow, the prompts' layers recompute their activations in the backward pass
+    (:func:`recomputed_layers`).
+    """
+    return PromptPass(model, query_ids, query_mask, recompute).inputs(reserve)
+
+
+class PromptPass:
+    """The prompt's part of a pass over a batch of rows, computed once per distinct prompt; every pass over the
+    same rows can take it from :meth:`inputs` (evaluation's reference samples, then re-scores the policy's
+    responses to the same prompts from the same prompts' pass).
 
     The k responses of a prompt share it, and on a small model the prompt is most of the work.
     Encoder-decoder: the encoder's output. Decoder-only (prompts padded on the left): the key/value
     cache of every prompt token but the last, which the caller feeds so that its logits come out.
-    Gradients flow through the expansion, so this serves training passes too. ``reserve``: room for
-    that many more positions in the cache: one copy of each prompt's where the model allows
-    (:class:`~detoxrl.shared_prefix.SharedPrefixLayer`, used under :func:`~detoxrl.shared_prefix.shared_prefixes`
-    by sampling and by teacher-forced passes, so that both attend alike whatever their batches), otherwise
-    :class:`ReservedLayer` (sampling only).
-
-    ``recompute``: where gradients flow, the prompts' layers recompute their activations in the backward pass
-    (:func:`recomputed_layers`).
+    Gradients flow through the expansion, so this serves training passes too; with ``recompute`` the
+    prompts' layers recompute their activations in the backward pass (:func:`recomputed_layers`).
 
     The cache comes from the decoder's body alone: no logits are wanted, and the LM head applied to the
     last position's strided [rows, 1, H] slice computes, on CPU in bf16, about the logits of every
     prompt position (~1.8 GB and 3.4 s for 32 prompts of 226 tokens; docs/performance.md).
     """
-    first, inverse = distinct_rows(torch.cat([query_ids, query_mask], dim=1))
-    ids, mask = query_ids[first], query_mask[first]
-    if model.config.is_encoder_decoder:
-        with recomputed_layers(model.get_encoder(), model.config, recompute):
-            encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
-        return {"encoder_outputs": BaseModelOutput(last_hidden_state=encoded.last_hidden_state[inverse])}
-    positions = position_ids(mask)
-    with recomputed_layers(model.get_decoder(), model.config, recompute):
-        out = model.get_decoder()(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                                  position_ids=positions[:, :-1], use_cache=True)
-    cache = out[CACHE_KEY]
-    if reserve and all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", ())):
-        if supports_shared_prefix(model):
-            cache.layers = [SharedPrefixLayer(layer, inverse, reserve, model.config) for layer in cache.layers]
+
+    def __init__(self, model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, recompute: bool = False):
+        self.model, self.query_ids, self.query_mask = model, query_ids, query_mask
+        first, self.inverse = distinct_rows(torch.cat([query_ids, query_mask], dim=1))
+        ids, mask = query_ids[first], query_mask[first]
+        if model.config.is_encoder_decoder:
+            with recomputed_layers(model.get_encoder(), model.config, recompute):
+                self.encoded = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            return
+        positions = position_ids(mask)
+        with recomputed_layers(model.get_decoder(), model.config, recompute):
+            out = model.get_decoder()(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                                      position_ids=positions[:, :-1], use_cache=True)
+        self.cache = out[CACHE_KEY]
+        self.layers = list(self.cache.layers)  # never written to: each pass gets layers of its own
+        self.dtype = next((layer.keys.dtype for layer in self.layers if layer.is_initialized), None)
+        if supports_shared_prefix(model) and all(type(layer) is DynamicLayer and layer.is_initialized
+                                                 for layer in self.layers):
+            for layer in self.layers:  # kept as SharedPrefixLayer keeps them, converted once
+                layer.keys, layer.values = layer.keys.float(), layer.values.float()
+
+    def matches(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> bool:
+        """Whether these are the rows it was computed for."""
+        return torch.equal(self.query_ids, query_ids) and torch.equal(self.query_mask, query_mask)
+
+    def inputs(self, reserve: int = 0) -> dict:
+        """The model's keyword arguments for one pass over the rows. ``reserve``: room for that many more
+        positions in the cache: one copy of each prompt's where the model allows
+        (:class:`~detoxrl.shared_prefix.SharedPrefixLayer`, used under :func:`~detoxrl.shared_prefix.shared_prefixes`
+        by sampling and by teacher-forced passes, so that both attend alike whatever their batches), otherwise
+        :class:`ReservedLayer` (sampling only)."""
+        if self.model.config.is_encoder_decoder:
+            return {"encoder_outputs": BaseModelOutput(last_hidden_state=self.encoded[self.inverse])}
+        cache = copy.copy(self.cache)
+        if reserve and all(type(layer) is DynamicLayer for layer in self.layers):
+            if supports_shared_prefix(self.model):
+                cache.layers = [SharedPrefixLayer(layer, self.inverse, reserve, self.model.config, self.dtype)
+                                for layer in self.layers]
+            else:
+                cache.layers = [ReservedLayer(layer, self.inverse, reserve) for layer in self.layers]
         else:
-            cache.layers = [ReservedLayer(layer, inverse, reserve) for layer in cache.layers]
-    else:
-        cache.reorder_cache(inverse)
-    return {CACHE_KEY: cache}
+            cache.layers = [copy.copy(layer) for layer in self.layers]
+            for layer in cache.layers:
+                if layer.is_initialized:
+                    layer.keys, layer.values = layer.keys.to(self.dtype), layer.values.to(self.dtype)
+            cache.reorder_cache(self.inverse)
+        return {CACHE_KEY: cache}
 
 
 @contextlib.contextmanager
@@ -366,17 +401,21 @@ def forward_response(
     value_head: ValueHead | None = None,
     share_prompts: bool = True,
     recompute_prompts: bool = False,
+    prompt_pass: PromptPass | None = None,
 ) -> ForwardOutput:
     """Teacher-forced pass over (query, response): the LM head's input and the head (and values) at each
     response step.
 
     ``share_prompts`` encodes each distinct prompt once (:func:`encode_prompts`, whose layers recompute their
-    activations in the backward pass with ``recompute_prompts``); layers that recompute their activations
-    (gradient checkpointing) drop caches, so they pass False.
+    activations in the backward pass with ``recompute_prompts``), or takes ``prompt_pass``, the same rows'
+    already computed by ``model``; layers that recompute their activations (gradient checkpointing) drop
+    caches, so they pass False.
     """
+    if prompt_pass is not None and not (share_prompts and prompt_pass.matches(query_ids, query_mask)):
+        raise ValueError("prompt_pass was computed for other rows, or prompts are not shared in this pass")
     with head_inputs_as_logits(model) as head:
         head_input, hidden = _teacher_forced(model, query_ids, query_mask, response_ids, value_head is not None,
-                                             share_prompts, recompute_prompts)
+                                             share_prompts, recompute_prompts, prompt_pass)
     values = value_head(hidden) if value_head is not None else None
     return ForwardOutput(hidden=head_input, head=head, values=values)
 
@@ -410,13 +449,13 @@ def head_inputs_as_logits(model: nn.Module):
 
 
 def _teacher_forced(model, query_ids, query_mask, response_ids, hidden_states: bool, share_prompts: bool,
-                    recompute_prompts: bool):
+                    recompute_prompts: bool, prompt_pass: PromptPass | None):
     """(the head's input, the last hidden state or None) at each response step."""
     T = response_ids.shape[1]
     if model.config.is_encoder_decoder:
         start = torch.full_like(response_ids[:, :1], model.config.decoder_start_token_id)
-        prompt = encode_prompts(model, query_ids, query_mask, recompute=recompute_prompts) if share_prompts \
-            else {"input_ids": query_ids}
+        prompt = (prompt_pass or PromptPass(model, query_ids, query_mask, recompute_prompts)).inputs() \
+            if share_prompts else {"input_ids": query_ids}
         out = model(
             **prompt,
             attention_mask=query_mask,
@@ -431,14 +470,14 @@ def _teacher_forced(model, query_ids, query_mask, response_ids, hidden_states: b
         mask = torch.cat([query_mask, torch.ones_like(response_ids[:, 1:], dtype=query_mask.dtype)], dim=1)
         positions = position_ids(mask)[:, -T:]
         with shared_prefixes(model):  # the attention sampling used, where it shared the prompts' cache
+            prompt_pass = prompt_pass or PromptPass(model, query_ids, query_mask, recompute_prompts)
             out = model(
                 input_ids=torch.cat([query_ids[:, -1:], response_ids[:, :-1]], dim=1),
                 attention_mask=mask,
                 position_ids=positions,
                 output_hidden_states=hidden_states,
                 use_cache=True,
-                **encode_prompts(model, query_ids, query_mask, reserve=T if supports_shared_prefix(model) else 0,
-                                 recompute=recompute_prompts),
+                **prompt_pass.inputs(reserve=T if supports_shared_prefix(model) else 0),
             )
         head_input = out.logits
         hidden = out.hidden_states[-1] if hidden_states else None

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 
 from .config import Config, GenerationConfig
 from .errors import DetoxError
 from .heap import release_freed_memory
-from .policy import Policy, encode_prompts
+from .policy import Policy, PromptPass, encode_prompts
 from .rl.rollout import Rollout, generate, hf_generation_config
 from .shared_prefix import shared_prefixes, supports_shared_prefix
 
@@ -44,18 +46,23 @@ def inference_weights(policy: Policy):
     """The policy in eval mode with its LoRA folded into the base weights, unfolded on exit.
 
     An unmerged LoRA adds two small matmuls per adapted layer and step; merged, sampling costs
-    what the base model costs. Unmerging subtracts the same update again, so the base weights
-    come back up to float rounding.
+    what the base model costs. Subtracting the update again would leave the base weights off by
+    float rounding: the adapted layers' weights are copied first and restored to the bit.
     """
     with eval_mode(policy.module):
         if any(p.dtype != torch.float32 for p in policy.model.parameters() if not p.requires_grad):
             yield policy.model  # folding an fp32 LoRA into bf16/fp16 base weights would round it away
             return
+        adapted = [m.get_base_layer() for m in policy.model.modules() if isinstance(m, BaseTunerLayer)]
+        saved = [(p, p.detach().clone()) for layer in adapted for p in layer.parameters(recurse=False)]
         policy.model.merge_adapter()
         try:
             yield policy.model
         finally:
             policy.model.unmerge_adapter()
+            with torch.no_grad():
+                for parameter, original in saved:
+                    parameter.copy_(original)
 
 
 # The most responses in an evaluation batch sized by memory: on 2 CPU cores 128 samples ~10% faster than 64 and
@@ -124,7 +131,8 @@ def keyed_seeds(seed: int, stream: int, prompts: list[str], samples: int) -> lis
 
 def sample(policy: Policy, model: torch.nn.Module, prompts: list[str], config: Config, samples: int,
            stream: int = EVAL_STREAM, desc: str | None = None, record_model_logprobs: bool = False,
-           batch_size: int | None = None, generation: GenerationConfig | None = None) -> list[Rollout]:
+           batch_size: int | None = None, generation: GenerationConfig | None = None,
+           after_batch: Callable[[int, PromptPass], None] | None = None) -> list[Rollout]:
     """``samples`` responses per prompt (prompt-major order), in batches of ``batch_size`` (default
     ``eval.batch_size``), seeded by (``config.seed``, ``stream``, prompt, sample index): :func:`keyed_seeds`.
 
@@ -132,15 +140,28 @@ def sample(policy: Policy, model: torch.nn.Module, prompts: list[str], config: C
     :meth:`~detoxrl.config.EvalConfig.sampling`), whose ``top_p`` below 1 samples the nucleus. Sample j of a
     prompt gets the same seed whichever model draws it: a paired comparison with common randomness, and fixed
     seeds across calls for learning curves.
+
+    ``after_batch(index, prompt_pass)`` runs after batch ``index`` with ``model``'s pass over its prompts, for
+    another pass over the same prompts (evaluation's reference re-scores the policy's responses there).
     """
     generation = generation or config.generation
     batch_size = batch_size or evaluation_batch_size(config, model)
     expanded = [p for p in prompts for _ in range(samples)]
     seeds = keyed_seeds(config.seed, stream, prompts, samples)
     rollouts = []
-    for i in tqdm(range(0, len(expanded), batch_size), desc=desc, unit="batch", leave=False, disable=desc is None):
-        rollouts.append(generate(policy, model, expanded[i : i + batch_size], generation, config.data.max_prompt_tokens,
-                                 seeds[i : i + batch_size], record_model_logprobs=record_model_logprobs))
+    starts = range(0, len(expanded), batch_size)
+    for index, i in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None)):
+        batch, prompt_pass = expanded[i : i + batch_size], None
+        if after_batch is not None:
+            query = policy.tokenize_prompts(batch, config.data.max_prompt_tokens, next(model.parameters()).device)
+            with torch.no_grad(), shared_prefixes(model):  # as generate computes it
+                prompt_pass = PromptPass(model, query["input_ids"], query["attention_mask"])
+        rollouts.append(generate(policy, model, batch, generation, config.data.max_prompt_tokens,
+                                 seeds[i : i + batch_size], record_model_logprobs=record_model_logprobs,
+                                 prompt_pass=prompt_pass))
+        if after_batch is not None:
+            after_batch(index, prompt_pass)
+        del prompt_pass
         release_freed_memory()  # the batch's cache
     return rollouts
 

@@ -85,7 +85,7 @@ class SharedPrefixLayer(DynamicLayer):
     The sequence length it reports counts the prefix.
     """
 
-    def __init__(self, layer: DynamicLayer, rows: torch.Tensor, reserve: int, config):
+    def __init__(self, layer: DynamicLayer, rows: torch.Tensor, reserve: int, config, dtype: torch.dtype | None = None):
         super().__init__()
         self.device, self.is_initialized, self.config = layer.keys.device, True, config
         self.prefix_keys, self.prefix_values = layer.keys.float(), layer.values.float()
@@ -95,7 +95,7 @@ class SharedPrefixLayer(DynamicLayer):
         self.key_buffer = layer.keys.new_empty(len(rows), heads, reserve, dim, dtype=torch.float32)
         self.value_buffer = torch.empty_like(self.key_buffer)
         self.keys, self.values = self.key_buffer[..., :0, :], self.value_buffer[..., :0, :]
-        self.dtype = layer.keys.dtype
+        self.dtype = dtype or layer.keys.dtype  # the model's, where the layer's keys were converted already
 
     @property
     def shared(self) -> bool:

@@ -18,11 +18,11 @@ from ..config import Config
 from ..errors import DetoxError
 from ..heap import release_freed_memory
 from ..hub import load_pretrained
-from ..policy import Policy, forward_response
+from ..policy import Policy, PromptPass, forward_response
 from ..rewards import BUILTIN, Scorer, build_evaluator
 from ..rewards.composite import Reward, reward_unit
 from ..rl.logprobs import score_tokens
-from ..rl.rollout import Rollout, reference_logprobs
+from ..rl.rollout import Rollout, reference_logprobs, teacher_forced_logprobs
 from ..sampling import describe_sampling, eval_mode, evaluation_batch_size, inference_weights, sample, texts_of
 from .guards import GUARDS, calibration_texts, guard_flags, guard_metrics, per_prompt
 from .protocol import Protocol, bar_verdicts, load_protocol
@@ -51,8 +51,9 @@ def response_kl(policy: Policy, rollouts: list[Rollout], config: Config) -> np.n
 
 
 def reference_pass(policy: Policy, rollouts: list[Rollout], config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One reference pass over the policy's responses: their KL to the reference, and their negative
-    log-likelihood sums and token counts under it (for perplexity).
+    """The policy's responses under the reference: their KL to it, and their negative log-likelihood sums and
+    token counts under it (for perplexity). A rollout not re-scored yet (:class:`Rescoring`) gets its reference
+    pass here.
 
     The KL uses the same estimator as training's ``objective/kl``, under the evaluation's sampling transform
     (:meth:`~detoxrl.config.EvalConfig.sampling`); log pi is what the sampler recorded (under merged weights,
@@ -62,14 +63,33 @@ def reference_pass(policy: Policy, rollouts: list[Rollout], config: Config) -> t
     generation = config.eval.sampling(config.generation)
     kls, sums, counts = [], [], []
     for r in rollouts:
-        ref, ref_model = reference_logprobs(policy, r, generation, len(r.responses), with_model_logprobs=True)
-        kl = ((r.logprobs - ref) * r.mask).sum(dim=1).cpu()
+        if r.ref_model_logprobs is None:
+            r.ref_logprobs, r.ref_model_logprobs = reference_logprobs(policy, r, generation, len(r.responses),
+                                                                      with_model_logprobs=True)
+            release_freed_memory()
+        kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(dim=1).cpu()
         kls.append(kl if generation.top_p >= 1 else torch.full_like(kl, float("nan")))
-        sums.append(-(ref_model * r.mask).sum(dim=1).cpu())
+        sums.append(-(r.ref_model_logprobs * r.mask).sum(dim=1).cpu())
         counts.append(r.mask.sum(dim=1).cpu())
-        release_freed_memory()
     join = lambda parts: torch.cat(parts).numpy() if parts else np.zeros(0)  # noqa: E731
     return join(kls), join(sums), join(counts)
+
+
+class Rescoring:
+    """Called by :func:`~detoxrl.sampling.sample` after each batch the reference samples: the policy's responses to
+    the same prompts (batch for batch) get their reference log-probs from the reference's own pass over those
+    prompts, which would otherwise be computed again. ``seconds``: the time it took."""
+
+    def __init__(self, policy: Policy, reference: torch.nn.Module, rollouts: list[Rollout], config: Config):
+        self.policy, self.reference, self.rollouts = policy, reference, rollouts
+        self.generation = config.eval.sampling(config.generation)
+        self.seconds = 0.0
+
+    def __call__(self, index: int, prompt_pass: PromptPass) -> None:
+        started, r = time.perf_counter(), self.rollouts[index]
+        r.ref_logprobs, r.ref_model_logprobs = teacher_forced_logprobs(self.policy, self.reference, r, self.generation,
+                                                                       prompt_pass=prompt_pass)
+        self.seconds += time.perf_counter() - started
 
 
 def recorded_nll(rollouts: list[Rollout]) -> tuple[np.ndarray, np.ndarray]:
@@ -332,21 +352,25 @@ def evaluate_policy(
     k, n = e.samples_per_prompt, len(prompts)
     generation = e.sampling(config.generation)
     with eval_mode(policy.module):  # no dropout in any pass below
+        seconds, rescoring = {}, None
+        if with_policy:  # first, so that the reference re-scores its responses from its own prompts' passes
+            started = time.perf_counter()
+            with inference_weights(policy) as model:
+                rollouts = sample(policy, model, prompts, config, k, desc="eval: policy", generation=generation)
+            seconds["policy"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
         with policy.reference_model() as reference:
+            rescoring = Rescoring(policy, reference, rollouts, config) if with_policy else None
             reference_rollouts = sample(policy, reference, prompts, config, k, desc="eval: reference",
-                                        record_model_logprobs=True, generation=generation)
+                                        record_model_logprobs=True, generation=generation, after_batch=rescoring)
             before = texts_of(reference_rollouts)
-        seconds = {"reference": round(time.perf_counter() - started, 2)}
+        seconds["reference"] = round(time.perf_counter() - started - (rescoring.seconds if rescoring else 0), 2)
         expanded, sides = [p for p in prompts for _ in range(k)], {"reference": before}
         # Perplexity under the reference of the tokens each side sampled: the reference's own from its
         # sampler's record, the policy's from the pass that also gives the KL.
         nll = {"reference": {"perplexity": recorded_nll(reference_rollouts)}}
         if with_policy:
-            started = time.perf_counter()
-            with inference_weights(policy) as model:
-                rollouts = sample(policy, model, prompts, config, k, desc="eval: policy", generation=generation)
-            seconds["policy"] = round(time.perf_counter() - started, 2)
+            seconds["reference_pass"] = round(rescoring.seconds, 2)
             sides["policy"] = after = texts_of(rollouts)
             kl, policy_sums, policy_counts = reference_pass(policy, rollouts, config)
             nll["policy"] = {"perplexity": (policy_sums, policy_counts)}

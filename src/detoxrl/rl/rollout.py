@@ -17,7 +17,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from ..config import GenerationConfig
 from ..errors import DetoxError
-from ..policy import Policy, ValueHead, encode_prompts, forward_response
+from ..policy import Policy, PromptPass, ValueHead, encode_prompts, forward_response
 from ..shared_prefix import shared_prefixes
 from .core import response_mask
 from .logprobs import score_tokens
@@ -35,6 +35,7 @@ class Rollout:
     ref_logprobs: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # [B]
     model_logprobs: torch.Tensor | None = None  # [B, T], log p of the sampled tokens at temperature 1 (evaluation)
+    ref_model_logprobs: torch.Tensor | None = None  # [B, T], the reference's, at temperature 1 (evaluation)
 
     def select(self, index: torch.Tensor) -> "Rollout":
         """Rows ``index``, with columns that are padding in every selected row dropped."""
@@ -47,7 +48,8 @@ class Rollout:
         keep_t = int(picked["mask"].sum(dim=1).max().item()) or 1
         for name in ("query_ids", "query_mask"):
             picked[name] = picked[name][:, keep_q]
-        for name in ("response_ids", "mask", "logprobs", "values", "ref_logprobs", "model_logprobs"):
+        for name in ("response_ids", "mask", "logprobs", "values", "ref_logprobs", "model_logprobs",
+                     "ref_model_logprobs"):
             if picked[name] is not None:
                 picked[name] = picked[name][:, :keep_t]
         return Rollout(**picked)
@@ -164,6 +166,7 @@ def generate(
     value_head: ValueHead | None = None,
     synced_gpus: bool = False,
     record_model_logprobs: bool = False,
+    prompt_pass: PromptPass | None = None,
 ) -> Rollout:
     """Sample one response per prompt, in one batch, with the log-probs (and values) of each token.
 
@@ -172,14 +175,21 @@ def generate(
 
     ``synced_gpus`` keeps every process stepping until all are done, which sharded weights
     (DeepSpeed ZeRO-3, FSDP) need because each forward pass gathers them collectively.
+
+    ``prompt_pass``: the prompts' pass of these rows (``policy.tokenize_prompts``) by ``model``, computed by the
+    caller to serve another pass too (:func:`teacher_forced_logprobs`); by default computed here.
     """
     device = next(model.parameters()).device
     query = policy.tokenize_prompts(prompts, max_prompt_tokens, device)
+    if prompt_pass is not None and not prompt_pass.matches(query["input_ids"], query["attention_mask"]):
+        raise ValueError("prompt_pass was computed for other prompts")
     sampler = SeededSampler(seeds, config.temperature, device, record_model_logprobs, config.top_p)
     settings = hf_generation_config(config, policy, value_head is not None)
     with model_generation_defaults(model, settings), shared_prefixes(model):
+        prompt = prompt_pass.inputs(config.max_new_tokens) if prompt_pass is not None else \
+            encode_prompts(model, query["input_ids"], query["attention_mask"], config.max_new_tokens)
         out = model.generate(
-            **query, **encode_prompts(model, query["input_ids"], query["attention_mask"], config.max_new_tokens),
+            **query, **prompt,
             generation_config=settings, logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_gpus
         )
     start = 1 if policy.is_encoder_decoder else query["input_ids"].shape[1]
@@ -208,25 +218,36 @@ def generate(
 def reference_logprobs(
     policy: Policy, rollout: Rollout, config: GenerationConfig, chunk_size: int = 4, with_model_logprobs: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log pi_ref of the sampled tokens, under the same sampling transform as the policy.
-
-    Computed in chunks of ``chunk_size`` rows; the log-probs come from the LM head in chunks of positions
-    (:func:`~detoxrl.rl.logprobs.score_tokens`), so no [rows, T, V] logits exist. ``with_model_logprobs``
-    also returns log pi_ref at temperature 1 from the same pass (evaluation's perplexity of the responses
-    under the reference).
-    """
-    chunks, model_chunks = [], []
+    """log pi_ref of the sampled tokens, under the same sampling transform as the policy
+    (:func:`teacher_forced_logprobs` of the reference model). ``with_model_logprobs`` also returns log pi_ref at
+    temperature 1 from the same pass (evaluation's perplexity of the responses under the reference)."""
     with policy.reference_model() as reference:
-        for start in range(0, len(rollout.responses), chunk_size):
-            rows = slice(start, start + chunk_size)
-            out = forward_response(reference, rollout.query_ids[rows], rollout.query_mask[rows],
-                                   rollout.response_ids[rows])
-            scores = score_tokens(out.hidden, out.head, rollout.response_ids[rows], rollout.mask[rows],
-                                  config.temperature, config.min_new_tokens, policy.eos_token_ids)
-            chunks.append(scores.logprobs)
-            model_chunks.append(scores.model_logprobs)
-    logprobs = torch.cat(chunks)
-    return (logprobs, torch.cat(model_chunks)) if with_model_logprobs else logprobs
+        logprobs, model_logprobs = teacher_forced_logprobs(policy, reference, rollout, config, chunk_size)
+    return (logprobs, model_logprobs) if with_model_logprobs else logprobs
+
+
+@torch.inference_mode()
+def teacher_forced_logprobs(policy: Policy, model: nn.Module, rollout: Rollout, config: GenerationConfig,
+                            chunk_size: int | None = None, prompt_pass: PromptPass | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of the rollout's tokens under ``model``: under the sampling transform of ``config``, and at
+    temperature 1.
+
+    Computed in chunks of ``chunk_size`` rows (default: all); the log-probs come from the LM head in chunks of
+    positions (:func:`~detoxrl.rl.logprobs.score_tokens`), so no [rows, T, V] logits exist. ``prompt_pass``:
+    ``model``'s prompts' pass of all the rollout's rows, computed already (when it sampled the same prompts).
+    """
+    chunk_size = (len(rollout.responses) or 1) if prompt_pass is not None or chunk_size is None else chunk_size
+    chunks, model_chunks = [], []
+    for start in range(0, len(rollout.responses), chunk_size):
+        rows = slice(start, start + chunk_size)
+        out = forward_response(model, rollout.query_ids[rows], rollout.query_mask[rows], rollout.response_ids[rows],
+                               prompt_pass=prompt_pass)
+        scores = score_tokens(out.hidden, out.head, rollout.response_ids[rows], rollout.mask[rows],
+                              config.temperature, config.min_new_tokens, policy.eos_token_ids)
+        chunks.append(scores.logprobs)
+        model_chunks.append(scores.model_logprobs)
+    return torch.cat(chunks), torch.cat(model_chunks)
 
 
 @torch.no_grad()
