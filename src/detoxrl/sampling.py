@@ -159,10 +159,11 @@ def sample(policy: Policy, model: torch.nn.Module, prompts: list[str], config: C
         rollouts.append(generate(policy, model, batch, generation, config.data.max_prompt_tokens,
                                  seeds[i : i + batch_size], record_model_logprobs=record_model_logprobs,
                                  prompt_pass=prompt_pass))
+        release_freed_memory()  # the batch's cache
         if after_batch is not None:
             after_batch(index, prompt_pass)
-        del prompt_pass
-        release_freed_memory()  # the batch's cache
+            del prompt_pass
+            release_freed_memory()
     return rollouts
 
 
