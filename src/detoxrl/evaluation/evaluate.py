@@ -352,7 +352,7 @@ def evaluate_policy(
     k, n = e.samples_per_prompt, len(prompts)
     generation = e.sampling(config.generation)
     with eval_mode(policy.module):  # no dropout in any pass below
-        seconds, rescoring = {}, None
+        seconds = {}
         if with_policy:  # first, so that the reference re-scores its responses from its own prompts' passes
             started = time.perf_counter()
             with inference_weights(policy) as model:

@@ -235,9 +235,10 @@ def teacher_forced_logprobs(policy: Policy, model: nn.Module, rollout: Rollout, 
 
     Computed in chunks of ``chunk_size`` rows (default: all); the log-probs come from the LM head in chunks of
     positions (:func:`~detoxrl.rl.logprobs.score_tokens`), so no [rows, T, V] logits exist. ``prompt_pass``:
-    ``model``'s prompts' pass of all the rollout's rows, computed already (when it sampled the same prompts).
+    ``model``'s prompts' pass of all the rollout's rows (so one chunk), computed already (when it sampled the
+    same prompts).
     """
-    chunk_size = (len(rollout.responses) or 1) if prompt_pass is not None or chunk_size is None else chunk_size
+    chunk_size = chunk_size or len(rollout.responses) or 1  # a prompt_pass covers all rows: forward_response checks
     chunks, model_chunks = [], []
     for start in range(0, len(rollout.responses), chunk_size):
         rows = slice(start, start + chunk_size)
