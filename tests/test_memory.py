@@ -171,3 +171,14 @@ def test_bf16_kernels_for_new_shapes_stop_piling_up():
     limited = run(True)
     assert int(limited) < 0.5 * int(grown), (grown, limited)
     assert int(run(True, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})) > 0.5 * int(grown)
+
+
+def test_training_without_a_fidelity_term_leaves_rouge_and_scikit_learn_unimported():
+    """rouge-score and scikit-learn hold ~0.13 GB once imported; only the fidelity term needs them."""
+    probe = ("import sys; import detoxrl.rl.trainer, detoxrl.rewards.composite; "
+             "print(sorted(m for m in ('rouge_score', 'sklearn', 'nltk') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    from detoxrl.rewards.composite import fidelity_term
+
+    assert fidelity_term(False)(["p"], ["the cat sat"], references=["the cat sat"])[0] == pytest.approx(1.0)

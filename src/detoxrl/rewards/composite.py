@@ -26,7 +26,6 @@ from ..errors import DetoxError
 from . import BUILTIN
 from .base import Scorer
 from .custom import import_function
-from .fidelity import rouge_l
 from .novelty import bigram_novelty
 
 RewardFunction = Callable[..., Sequence[float]]
@@ -143,6 +142,8 @@ def fidelity_term(content_words: bool) -> RewardFunction:
     def fidelity(prompts, completions, references=None, **kwargs):
         if references is None:
             raise DetoxError("reward.fidelity_weight needs the reference response of every prompt")
+        from .fidelity import rouge_l  # rouge-score and scikit-learn (~0.1 GB) only where the term is used
+
         return rouge_l(completions, references, content_words)
 
     return fidelity
