@@ -104,6 +104,10 @@ SIDES = {
              ("seq2seq", "causal"), ("seq2seq",), "TRL 0.11.4 PPOTrainer batched, model loaded in bfloat16"),
         Side("detoxrl-rloo", "detoxrl", "detoxrl_side.py", ["--algorithm", "rloo"], ("seq2seq", "causal"),
              ("causal",), "detoxrl RLOO: B/2 prompts x 2 responses, no value head (compare with trl-rloo)"),
+        Side("detoxrl-recompute", "detoxrl", "detoxrl_side.py", ["--recompute-prompts"], ("seq2seq", "causal"), (),
+             "detoxrl with model.recompute_prompts (the update replays the prompts' layers: less memory, slower)"),
+        Side("detoxrl-bf16-recompute", "detoxrl", "detoxrl_side.py", ["--dtype", "bfloat16", "--recompute-prompts"],
+             ("seq2seq", "causal"), (), "detoxrl with a bf16 base and model.recompute_prompts"),
     ]
 }
 REFERENCE_SIDE = "detoxrl"

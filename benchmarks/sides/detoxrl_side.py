@@ -6,9 +6,10 @@ mini-batch sizes and the learning rate are set through detoxrl's configuration. 
 is the shared stand-in, given to the trainer as a ``Scorer``. Phases are the trainer's own
 ``time/*`` statistics.
 
-``--device``, ``--dtype`` (model.dtype) and ``--algorithm`` (rloo samples 2 responses per
-prompt, so an iteration has half as many distinct prompts) are for runs of detoxrl alone, e.g.
-on a GPU; the comparison with TRL uses the defaults (cpu, float32, ppo).
+``--device``, ``--dtype`` (model.dtype), ``--recompute-prompts`` (model.recompute_prompts) and
+``--algorithm`` (rloo samples 2 responses per prompt, so an iteration has half as many distinct
+prompts) are for runs of detoxrl alone, e.g. on a GPU; the comparison with TRL uses the defaults
+(cpu, float32, ppo, no recompute).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def options(parser) -> None:
     parser.add_argument("--device", default="cpu", help="the device setting (cpu, cuda)")
     parser.add_argument("--dtype", default="float32", help="model.dtype")
     parser.add_argument("--algorithm", default="ppo", choices=["ppo", "rloo"])
+    parser.add_argument("--recompute-prompts", action="store_true",
+                        help="model.recompute_prompts: the update recomputes the prompts' layer activations")
     parser.add_argument("--count-flops", action="store_true",
                         help="count the floating-point operations of the first (untimed) warm-up iteration: "
                              "torch's FlopCounterMode, matrix products forward and backward (CPU fused "
@@ -58,6 +61,7 @@ def main() -> None:
             "model.lora_dropout": common.LORA["lora_dropout"],
             "model.target_modules": s.lora_targets,
             "model.dtype": args.dtype,
+            "model.recompute_prompts": args.recompute_prompts,
             "generation.min_new_tokens": s.response_tokens,
             "generation.max_new_tokens": s.response_tokens,
             "generation.top_k": 0,
@@ -121,6 +125,7 @@ def main() -> None:
     results = [iteration(i) for i in range(args.iterations)]
     # Where the peak lies: loading, then the first (warm-up) iteration, then the timed ones.
     extra = {"device": args.device, "dtype": args.dtype, "algorithm": args.algorithm,
+             "recompute_prompts": args.recompute_prompts,
              "peak_rss_after_load_mb": round(peak_after_load, 1),
              "peak_rss_after_warmup_mb": round(peak_after_warmup, 1)}
     if counter:
